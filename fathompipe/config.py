@@ -1,0 +1,228 @@
+"""The pipeline's whole configuration: one typed tree, loaded from a YAML profile plus overrides.
+
+Everything a stage needs is read from here, so a profile in `jobs/` is the single place a user edits.
+Validation happens before anything is submitted and fails with one message naming key and value.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CLUSTERS = ("slurm", "local", "debug")
+SPLITS = ("train", "test")
+NAMINGS = ("file_name", "image_id")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
+WINNER_GDRIVE_ID = "1dr0BQJm2G9edhJNRu9vaUCdA4lMNeeRo"
+
+
+class ConfigError(ValueError):
+    """A profile or override is wrong; the message names the file, key and value."""
+
+
+@dataclass
+class Resources:
+    """What one Slurm job (or each task of an array) asks for."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    cpus_per_task: int = 2
+    mem_gb: float = 4.0
+    timeout_min: int = 60
+    gpus_per_node: int = 0
+    array_parallelism: int = 32
+    extra: Dict[str, str] = field(default_factory=dict)  # any other sbatch option, e.g. constraint
+
+
+@dataclass
+class SplitData:
+    annotations: Optional[str] = None  # COCO json; required for every selected split
+    images_dir: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    splits: List[str] = field(default_factory=lambda: ["test"])
+    train: SplitData = field(default_factory=SplitData)
+    test: SplitData = field(default_factory=SplitData)
+
+
+@dataclass
+class DownloadConfig:
+    num_shards: int = 8
+    concurrency: int = 32  # requests in flight per shard
+    per_host: int = 16  # open connections per host per shard
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0  # longest silence while reading a body
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    naming: str = "file_name"  # or image_id: {image_id}.png, the winner's layout
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=2, timeout_min=120))
+
+
+@dataclass
+class CheckpointConfig:
+    path: str = "checkpoints/last-002.ckpt"
+    gdrive_id: str = WINNER_GDRIVE_ID
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=180))
+
+
+@dataclass
+class InferConfig:
+    device: str = "auto"
+    precision: str = "auto"  # fp32 on the CPU, the measured fastest agreeing mode on a GPU
+    batch_size: int = 64
+    num_workers: int = 4
+    encoder_config: Optional[str] = None  # Dinov2Config fields as JSON; default: 64-dim heads
+    resources: Resources = field(
+        default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1)
+    )
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/default"
+    cluster: str = "local"
+    data: DataConfig = field(default_factory=DataConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def expand_path(value: str, key: str, source: str) -> str:
+    """Expand `~` and `$VARS`; an unset variable is an error, never a literal `$HOME` folder."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    leftover = re.search(r"\$\{?\w+\}?", expanded)
+    if leftover:
+        raise ConfigError(f"{source}: {key}={value!r}: environment variable {leftover.group(0)} is not set")
+    return expanded
+
+
+def load_config(profile: Optional[str | Path] = None, overrides: List[str] | None = None) -> PipelineConfig:
+    """Profile YAML, then `key=value` overrides, over the typed defaults; validated."""
+    schema = OmegaConf.structured(PipelineConfig)
+    source = str(profile) if profile else "defaults"
+    layers: List[DictConfig] = []
+    if profile is not None:
+        path = Path(profile)
+        if not path.is_file():
+            raise ConfigError(f"profile {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors carry line numbers; keep them
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the profile must be a mapping of keys, not {type(loaded).__name__}")
+        layers.append(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. download.concurrency=64")
+        layers.append(OmegaConf.from_dotlist([item]))
+    merged = schema
+    for i, layer in enumerate(layers):
+        where = source if (profile is not None and i == 0) else "command line"
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, where)) from None
+    cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _expand_paths(cfg, source)
+    validate(cfg, source)
+    return cfg
+
+
+def _describe(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "Key" in type(exc).__name__ or "not in" in msg:
+        return f"{where}: unknown key {key!r} ({msg})"
+    return f"{where}: key {key!r}: {msg}"
+
+
+def _expand_paths(cfg: PipelineConfig, source: str) -> None:
+    cfg.run_dir = expand_path(cfg.run_dir, "run_dir", source)
+    for split in SPLITS:
+        data: SplitData = getattr(cfg.data, split)
+        for attr in ("annotations", "images_dir"):
+            value = getattr(data, attr)
+            if value is not None:
+                setattr(data, attr, expand_path(value, f"data.{split}.{attr}", source))
+    cfg.checkpoint.path = expand_path(cfg.checkpoint.path, "checkpoint.path", source)
+    if cfg.infer.encoder_config:
+        cfg.infer.encoder_config = expand_path(cfg.infer.encoder_config, "infer.encoder_config", source)
+
+
+def _check(ok: bool, source: str, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key}={value!r}: {why}")
+
+
+def validate(cfg: PipelineConfig, source: str = "config") -> None:
+    """Reject impossible values and missing inputs before a single job is queued."""
+    _check(cfg.cluster in CLUSTERS, source, "cluster", cfg.cluster, f"must be one of {', '.join(CLUSTERS)}")
+    _check(bool(cfg.data.splits), source, "data.splits", cfg.data.splits, "select at least one split")
+    for split in cfg.data.splits:
+        _check(split in SPLITS, source, "data.splits", cfg.data.splits, f"unknown split {split!r}; use train, test")
+        data: SplitData = getattr(cfg.data, split)
+        key = f"data.{split}.annotations"
+        _check(data.annotations is not None, source, key, None, f"required because split {split!r} is selected")
+        _check(Path(data.annotations).is_file(), source, key, data.annotations, "file does not exist")
+        _check(data.images_dir is not None, source, f"data.{split}.images_dir", None, "required")
+    d = cfg.download
+    for key, value in [("num_shards", d.num_shards), ("concurrency", d.concurrency), ("per_host", d.per_host),
+                       ("max_attempts", d.max_attempts)]:
+        _check(value >= 1, source, f"download.{key}", value, "must be at least 1")
+    for key, value in [("connect_timeout_s", d.connect_timeout_s), ("read_timeout_s", d.read_timeout_s),
+                       ("backoff_base_s", d.backoff_base_s), ("backoff_max_s", d.backoff_max_s)]:
+        _check(value > 0, source, f"download.{key}", value, "must be positive")
+    _check(d.naming in NAMINGS, source, "download.naming", d.naming, f"must be one of {', '.join(NAMINGS)}")
+    i = cfg.infer
+    _check(i.device in DEVICES, source, "infer.device", i.device, f"must be one of {', '.join(DEVICES)}")
+    _check(i.precision in PRECISIONS, source, "infer.precision", i.precision, f"must be one of {', '.join(PRECISIONS)}")
+    _check(i.batch_size >= 1, source, "infer.batch_size", i.batch_size, "must be at least 1")
+    _check(i.num_workers >= 0, source, "infer.num_workers", i.num_workers, "must be 0 or more")
+    if i.encoder_config:
+        _check(Path(i.encoder_config).is_file(), source, "infer.encoder_config", i.encoder_config, "file does not exist")
+    for stage in ("download", "checkpoint", "infer"):
+        r: Resources = getattr(cfg, stage).resources
+        prefix = f"{stage}.resources"
+        _check(r.cpus_per_task >= 1, source, f"{prefix}.cpus_per_task", r.cpus_per_task, "must be at least 1")
+        _check(r.mem_gb > 0, source, f"{prefix}.mem_gb", r.mem_gb, "must be positive")
+        _check(r.timeout_min >= 1, source, f"{prefix}.timeout_min", r.timeout_min, "must be at least 1 minute")
+        _check(r.gpus_per_node >= 0, source, f"{prefix}.gpus_per_node", r.gpus_per_node, "must be 0 or more")
+        _check(r.array_parallelism >= 1, source, f"{prefix}.array_parallelism", r.array_parallelism,
+               "must be at least 1")
+
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey)$", re.I)
+_URI_CREDENTIALS = re.compile(r"(://[^:/@]+:)[^@]+@")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy fit for logs and run state: secret-named values and passwords in URIs masked."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEY.search(key) and value:
+            return "***"
+        return _URI_CREDENTIALS.sub(r"\1***@", value)
+    return value
+
+
+def to_dict(cfg: PipelineConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    """The resolved configuration, secrets redacted, as written into the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(to_dict(cfg))))

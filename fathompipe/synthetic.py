@@ -1,0 +1,49 @@
+"""Synthetic stand-ins for FathomNet images: real sizes and ids, made-up pixels.
+
+The tests, the download benchmark and the offline demo need image servers and files without
+FathomNet; these images have the dimensions the annotation files declare, so verification applies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+from PIL import Image
+
+
+def synthetic_png(width: int, height: int, seed: int, noise: float = 0.0) -> bytes:
+    """A PNG of coarse random blocks; `noise` (0..1) adds per-pixel noise for realistic file sizes."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, size=(max(1, height // 32), max(1, width // 32), 3), dtype=np.uint8)
+    im = Image.fromarray(small).resize((width, height), Image.NEAREST)
+    if noise:
+        arr = np.asarray(im).astype(np.int16)
+        arr += (rng.standard_normal(arr.shape) * 40 * noise).astype(np.int16)
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def serve_dataset(annotations: str | Path, out_json: str | Path, serve_dir: str | Path, base_url: str,
+                  limit: int | None = None, noise: float = 0.0) -> Dict[str, Any]:
+    """Write a synthetic image per image of `annotations` into `serve_dir`, and a copy of the
+    annotation file whose `coco_url`s point at `base_url` (a FakeFathomNet)."""
+    raw = json.loads(Path(annotations).read_text())
+    if limit is not None:
+        keep = {im["id"] for im in raw["images"][:limit]}
+        raw["images"] = [im for im in raw["images"] if im["id"] in keep]
+        raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in keep]
+    serve_dir = Path(serve_dir)
+    serve_dir.mkdir(parents=True, exist_ok=True)
+    for im in raw["images"]:
+        target = serve_dir / im["file_name"]
+        if not target.exists():
+            target.write_bytes(synthetic_png(im["width"], im["height"], im["id"], noise))
+        im["coco_url"] = base_url + im["file_name"]
+    Path(out_json).write_text(json.dumps(raw))
+    return raw
