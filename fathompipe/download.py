@@ -277,7 +277,7 @@ class Downloader:
         connector = aiohttp.TCPConnector(limit=o.concurrency, limit_per_host=o.per_host)
         with open(self.files.records, "a") as self.records_fh, \
                 tqdm(total=len(images), desc=f"download {self.files.key}", unit="img", disable=not self.progress,
-                     mininterval=1.0, dynamic_ncols=True) as bar:
+                     mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True) as bar:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:
 
                 async def worker() -> None:

@@ -1,0 +1,82 @@
+"""`run.json`: what was submitted for a run, so status, resubmit and cancel need no guessing."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from . import atomic
+from .paths import RunPaths
+
+VERSION = 1
+
+
+class RunStateError(RuntimeError):
+    """run.json is missing or unreadable; the message says how to recover."""
+
+
+@dataclass
+class Submission:
+    job_id: str  # the array (or single) job id
+    tasks: Dict[str, str]  # task key -> Slurm job id of that task, e.g. "test/3" -> "1234_3"
+    dependency: str = ""
+    reason: str = "submit"  # submit | resume | resubmit
+    submitted_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class StageState:
+    submissions: List[Submission] = field(default_factory=list)
+
+    def latest_jobs(self) -> Dict[str, str]:
+        """Task key -> the job id of its most recent submission."""
+        latest: Dict[str, str] = {}
+        for sub in self.submissions:
+            latest.update(sub.tasks)
+        return latest
+
+
+@dataclass
+class RunState:
+    cluster: str
+    stages: Dict[str, StageState] = field(default_factory=dict)
+    history: List[Dict[str, object]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    version: int = VERSION
+
+    def stage(self, name: str) -> StageState:
+        return self.stages.setdefault(name, StageState())
+
+    def log(self, action: str, **details: object) -> None:
+        self.history.append({"action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
+
+    def all_job_ids(self) -> List[str]:
+        return sorted({j for s in self.stages.values() for j in s.latest_jobs().values()})
+
+    def save(self, paths: RunPaths) -> None:
+        atomic.write_json(paths.run_json, asdict(self))
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> Optional["RunState"]:
+        """None for a run never submitted; RunStateError for one whose state is damaged."""
+        if not paths.run_json.exists():
+            if paths.config.exists():
+                raise RunStateError(
+                    f"{paths.run_json} is missing but {paths.config} exists: this run was submitted before and "
+                    f"its job ids are lost. Check `squeue --me` for its jobs (names start with 'fp-'), cancel "
+                    f"them if needed, then submit into a new --run-dir (finished images and outputs on disk are "
+                    f"reused, not redone).")
+            return None
+        try:
+            raw = json.loads(paths.run_json.read_text())
+            stages = {
+                name: StageState([Submission(**s) for s in st["submissions"]])
+                for name, st in raw.pop("stages").items()
+            }
+            return cls(stages=stages, **raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RunStateError(
+                f"{paths.run_json} is corrupt ({type(exc).__name__}: {exc}). Nothing was submitted. "
+                f"Check `squeue --me` for this run's jobs (names start with 'fp-'), then submit into a new "
+                f"--run-dir: finished work on disk is reused, not redone.") from None

@@ -1,0 +1,173 @@
+"""Slurm through submitit: sbatch parameters, rendering, executors, and job-state queries.
+
+`sbatch_params` is the one mapping from a stage's Resources to sbatch options; both the real
+submission and `--dry-run` (`render_sbatch`, a pure function tested against a golden record) use it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+from .config import Resources
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD",
+          "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+def sbatch_params(resources: Resources, job_name: str, dependency: str = "") -> Dict[str, object]:
+    """sbatch options (in submitit's `_make_sbatch_string` vocabulary) for one stage's jobs."""
+    extra: Dict[str, object] = dict(resources.extra)
+    if dependency:
+        extra["kill-on-invalid-dep"] = "yes"  # a job whose dependency failed is cancelled, never left pending
+    params: Dict[str, object] = {
+        "job_name": job_name,
+        "time": resources.timeout_min,
+        "cpus_per_task": resources.cpus_per_task,
+        "mem": f"{int(resources.mem_gb * 1024)}M",
+        "array_parallelism": resources.array_parallelism,
+        "additional_parameters": extra,
+    }
+    for key in ("partition", "account", "qos"):
+        value = getattr(resources, key)
+        if value:
+            params[key] = value
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    if dependency:
+        params["dependency"] = dependency
+    return params
+
+
+def render_sbatch(resources: Resources, job_name: str, folder: str | Path, n_tasks: int, dependency: str = "",
+                  python: str = sys.executable) -> str:
+    """The sbatch script submitit would submit for these tasks (pure: no files, no Slurm)."""
+    command = f"{python} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks if n_tasks > 1 else None,
+                               **sbatch_params(resources, job_name, dependency))  # type: ignore[arg-type]
+
+
+def make_executor(cluster: str, folder: Path, resources: Resources, job_name: str,
+                  dependency: str = "") -> submitit.Executor:
+    """A submitit executor for one stage: Slurm, local subprocesses, or in-process debug."""
+    if cluster == "slurm":
+        ex: submitit.Executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
+        ex.update_parameters(**sbatch_params(resources, job_name, dependency))
+    elif cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=resources.timeout_min, gpus_per_node=resources.gpus_per_node)
+    elif cluster == "debug":
+        ex = submitit.DebugExecutor(folder=folder)
+    else:
+        raise ValueError(f"unknown cluster {cluster!r}")
+    return ex
+
+
+def expand_job_id(job_id: str) -> List[str]:
+    """`123_[0-2,5%4]` (a pending array in sacct/squeue) -> 123_0, 123_1, 123_2, 123_5."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    out: List[str] = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1)]
+        elif part:
+            out.append(f"{base}_{part}")
+    return out
+
+
+def _array_ids(job_ids: Iterable[str]) -> List[str]:
+    return sorted({j.split("_")[0] for j in job_ids})
+
+
+def query_states(job_ids: Iterable[str]) -> Dict[str, str]:
+    """Slurm state of each job or array task: one batched sacct call, squeue if accounting is off.
+
+    Tasks that are neither in sacct nor (fallback) queued come back absent.
+    """
+    ids = _array_ids(job_ids)
+    if not ids:
+        return {}
+    states: Dict[str, str] = {}
+    if shutil.which("sacct"):
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0:
+            for line in proc.stdout.splitlines():
+                if "|" not in line:
+                    continue
+                jid, state = line.split("|", 1)
+                for one in expand_job_id(jid.strip()):
+                    states[one] = state.split()[0] if state.strip() else "UNKNOWN"
+            return states
+    if shutil.which("squeue"):
+        proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T"],
+                              capture_output=True, text=True, timeout=60)
+        for line in proc.stdout.splitlines():
+            if "|" in line:
+                jid, state = line.split("|", 1)
+                for one in expand_job_id(jid.strip()):
+                    states[one] = state.strip()
+    return states
+
+
+def local_states(folder: Path, job_ids: Iterable[str]) -> Dict[str, str]:
+    """States of submitit local jobs (job id = pid), from result pickles and live processes."""
+    states: Dict[str, str] = {}
+    for jid in job_ids:
+        result = submitit.core.utils.JobPaths(folder, job_id=jid, task_id=0).result_pickle
+        if result.exists():
+            try:
+                with open(result, "rb") as fh:
+                    outcome = pickle.load(fh)[0]
+                states[jid] = "COMPLETED" if outcome == "success" else "FAILED"
+            except Exception:
+                states[jid] = "FAILED"
+        elif jid.isdigit() and _pid_alive(int(jid)):
+            states[jid] = "RUNNING"
+    return states
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def cancel(job_ids: Iterable[str]) -> None:
+    ids = sorted(set(job_ids))
+    if ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *ids], check=False, capture_output=True, timeout=60)
+
+
+def log_paths(folder: Path, job_id: str) -> Dict[str, Path]:
+    p = submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0)
+    return {"stdout": p.stdout, "stderr": p.stderr}
+
+
+def last_error_line(path: Path, max_bytes: int = 65536) -> Optional[str]:
+    """The most telling line at the end of a log: the last Error/exception line, else the last line."""
+    if not path.exists():
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - max_bytes))
+        lines = [ln.strip() for ln in fh.read().decode(errors="replace").replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in reversed(lines):
+        if re.search(r"(Error|Exception|error:|CANCELLED|DUE TO TIME LIMIT|Killed)", ln):
+            return ln[:300]
+    return lines[-1][:300] if lines else None

@@ -1,0 +1,98 @@
+"""Submit the pipeline: `python -m fathompipe.submit [--profile P] [--run-dir R] [--cluster C] [--dry-run] [k=v ...]`.
+
+A second submit into the same run directory resumes (only unfinished tasks are queued) when none of
+its jobs is still queued or running, and refuses otherwise; it always says which.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List
+
+from omegaconf import OmegaConf
+
+from . import atomic
+from .config import ConfigError, load_config, to_yaml
+from .driver import SubmitError, active_jobs, run_lock, submit_stages
+from .paths import RunPaths
+from .runstate import RunState, RunStateError
+from .slurm import render_sbatch
+from .stages import STAGES, job_name
+
+
+def _config_difference(paths: RunPaths, new_yaml: str) -> str:
+    """The first key whose value differs between the stored and the new configuration."""
+    old = OmegaConf.to_container(OmegaConf.load(paths.config))
+    new = OmegaConf.to_container(OmegaConf.create(new_yaml))
+
+    def walk(a: object, b: object, prefix: str) -> str:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
+                if d:
+                    return d
+            return ""
+        return "" if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
+
+    return walk(old, new, "")
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fathompipe.submit", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="job profile YAML, e.g. jobs/pace.yaml (default: built-in defaults)")
+    parser.add_argument("--run-dir", help="run directory (overrides run_dir)")
+    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="overrides cluster")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.cluster:
+        overrides.append(f"cluster={args.cluster}")
+    try:
+        cfg = load_config(args.profile, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = RunPaths.of(cfg.run_dir)
+    if args.dry_run:
+        for stage in STAGES:
+            n = len(stage.tasks(cfg, paths))
+            dep = "afterok:<" + ",".join(stage.after) + " job ids>" if stage.after else ""
+            print(f"# ---- stage {stage.name}: {n} task(s) ----")
+            print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep))
+        return 0
+    config_yaml = to_yaml(cfg)
+    try:
+        with run_lock(paths):
+            state = RunState.load(paths)
+            if state is None:
+                state = RunState(cluster=cfg.cluster)
+                atomic.write_text(paths.config, config_yaml)
+                reason = "submit"
+                print(f"new run in {paths.root} (cluster: {cfg.cluster})")
+            else:
+                diff = _config_difference(paths, config_yaml)
+                if diff:
+                    raise SubmitError(f"{paths.root} was submitted with another configuration ({diff}). "
+                                      f"Use a new --run-dir, or the same profile and overrides to resume.")
+                busy = active_jobs(state, paths)
+                if busy:
+                    raise SubmitError(f"refusing: {len(busy)} job(s) of this run are still queued or running "
+                                      f"({', '.join(sorted(busy)[:5])}). Watch them with "
+                                      f"`python -m fathompipe.status --run-dir {paths.root}`.")
+                reason = "resume"
+                print(f"resuming {paths.root}: only unfinished tasks are submitted")
+            state.log(reason)
+            submit_stages(cfg, paths, state, [s.name for s in STAGES], reason, print)
+            state.save(paths)
+    except (SubmitError, RunStateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"watch: python -m fathompipe.status --run-dir {paths.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
