@@ -1,0 +1,192 @@
+"""Checkpoint stage: get the winner's Lightning checkpoint, load it safely, export slim weights.
+
+    python -m fathompipe.checkpoint --checkpoint PATH [--gdrive-id ID | --url URL] [--encoder-config F]
+
+The 16 GB file is a pickle from Google Drive, so it is opened with `weights_only=True` and an
+explicit allowlist of the globals a Lightning checkpoint needs: any other global is refused and
+nothing in the file executes. It is memory-mapped, so the optimizer state is never read. Once, the
+tensors inference uses go to `<stem>.inference.safetensors` with `<stem>.inference.json` (class
+names, architecture sizes, the source's size and mtime) beside it; while the source is unchanged
+later runs reuse them and never open the 16 GB file again.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pickle
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode
+from safetensors.torch import load_file, save_file
+
+from . import atomic
+from .config import WINNER_GDRIVE_ID
+from .model import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
+
+# What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
+ALLOWED_GLOBALS: List[Any] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list,
+                              int, collections.defaultdict]
+QUOTA_HELP = (
+    "Google Drive refused the download: too many users have downloaded this file recently (Drive's quota). "
+    "Wait a few hours and rerun, or download it by hand in a browser from "
+    "https://drive.google.com/file/d/{id}/view while signed in to Google, copy it to {path} "
+    "(e.g. with scp or Globus), and rerun: an existing file is verified, not downloaded again.")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SlimFiles:
+    weights: Path
+    meta: Path
+
+    @classmethod
+    def beside(cls, checkpoint: Path) -> "SlimFiles":
+        stem = checkpoint.name.removesuffix(".ckpt")
+        return cls(checkpoint.with_name(f"{stem}.inference.safetensors"), checkpoint.with_name(f"{stem}.inference.json"))
+
+
+def fingerprint(path: Path) -> Dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
+    """torch.load with weights_only and the allowlist; memory-mapped (nothing read until used)."""
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
+        raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
+                              f"({detail}). Nothing from it was executed. Use the winner's original checkpoint.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
+                              f"truncated or corrupt. Delete it and rerun to download it again.") from None
+
+
+def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[str, Any]] = None) -> ModelSpec:
+    hp = ckpt.get("hyper_parameters")
+    if hp is None or "state_dict" not in ckpt:
+        raise CheckpointMismatch("not a Lightning checkpoint: no 'state_dict' or 'hyper_parameters'")
+    id2name = hp["category_id2name"]
+    names = [id2name[i] for i in range(len(id2name))]
+    crop = int(hp.get("obj_encoder_size", [256, 256])[0])
+    scales = [int(s) for s in hp.get("env_img_crop_scale_list", [3, 5, -1])]
+    return ModelSpec.infer(ckpt["state_dict"], names, crop, scales, encoder_overrides)
+
+
+def check_fits(spec: ModelSpec, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Strict key and shape check against the architecture, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = FathomNetClassifier(spec)
+    check_keys(model.checkpoint_shapes(), state_dict)
+
+
+def load_encoder_overrides(path: Optional[str | Path]) -> Dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"--encoder-config {path}: {exc}") from None
+    keep = ("num_attention_heads", "layer_norm_eps", "hidden_act", "layerscale_value", "qkv_bias", "use_swiglu_ffn")
+    return {k: data[k] for k in keep if k in data}
+
+
+def export_slim(checkpoint: Path, encoder_config: Optional[str | Path] = None, force: bool = False) -> SlimFiles:
+    """Verify `checkpoint` and write (or reuse) its slim inference files."""
+    slim = SlimFiles.beside(checkpoint)
+    overrides = load_encoder_overrides(encoder_config)
+    if not force and slim.meta.exists() and slim.weights.exists():
+        meta = json.loads(slim.meta.read_text())
+        if meta.get("source") == fingerprint(checkpoint) and meta.get("encoder_config") == overrides:
+            print(f"slim weights up to date: {slim.weights}")
+            return slim
+    t0 = time.monotonic()
+    ckpt = load_lightning_checkpoint(checkpoint)
+    spec = spec_from_checkpoint(ckpt, overrides)
+    weights = inference_state_dict(ckpt["state_dict"])
+    check_fits(spec, weights)
+    n_params = sum(v.numel() for v in ckpt["state_dict"].values())
+    save_weights = {k: v.contiguous() for k, v in weights.items()}
+    with atomic.atomic_path(slim.weights) as tmp:
+        save_file(save_weights, str(tmp))
+    meta = {"source": fingerprint(checkpoint), "source_path": str(checkpoint), "encoder_config": overrides,
+            "spec": spec.__dict__,
+            "state_dict_keys": len(ckpt["state_dict"]), "parameters": n_params,
+            "inference_keys": len(weights), "lightning_version": ckpt.get("pytorch-lightning_version")}
+    atomic.write_json(slim.meta, meta)  # written last: its presence means the weights are complete
+    print(f"verified {checkpoint}: {len(ckpt['state_dict'])} tensors, {n_params / 1e9:.3f}e9 parameters; "
+          f"exported {len(weights)} inference tensors to {slim.weights} in {time.monotonic() - t0:.1f}s")
+    return slim
+
+
+def load_model(slim: SlimFiles, device: torch.device | str = "cpu") -> Tuple[FathomNetClassifier, ModelSpec]:
+    """Build the model from the slim files: seconds, whatever the original checkpoint's size."""
+    meta = json.loads(slim.meta.read_text())
+    spec = ModelSpec(**meta["spec"])
+    with torch.device("meta"):
+        model = FathomNetClassifier(spec)
+    state = load_file(str(slim.weights), device=str(device))
+    model.load_weights(state, assign=True)
+    return model.eval(), spec
+
+
+def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None) -> None:
+    """Fetch the checkpoint with gdown, resuming a partial download."""
+    import gdown
+    from gdown.exceptions import FileURLRetrievalError
+
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {'from ' + url if url else 'Google Drive file ' + gdrive_id} to {checkpoint} (resumable)")
+    try:
+        result = gdown.download(url=url, id=None if url else gdrive_id, output=str(checkpoint), quiet=False,
+                                resume=True)
+    except FileURLRetrievalError as exc:
+        if "too many users" in str(exc).lower() or "quota" in str(exc).lower():
+            raise CheckpointError(QUOTA_HELP.format(id=gdrive_id, path=checkpoint)) from None
+        raise CheckpointError(f"download failed: {str(exc).splitlines()[0]}. " +
+                              QUOTA_HELP.format(id=gdrive_id, path=checkpoint).split(". ", 1)[1]) from None
+    if result is None or not checkpoint.exists():
+        raise CheckpointError(f"download of {checkpoint} did not complete; rerun to resume it")
+
+
+def prepare(checkpoint: str | Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None,
+            encoder_config: Optional[str | Path] = None) -> SlimFiles:
+    """The stage: download if absent, verify, export slim files. Idempotent."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        download(checkpoint, gdrive_id, url)
+    return export_slim(checkpoint, encoder_config)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fathompipe.checkpoint", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="e.g. checkpoints/last-002.ckpt")
+    parser.add_argument("--gdrive-id", default=WINNER_GDRIVE_ID)
+    parser.add_argument("--url", help="download from this URL (a mirror) instead of Google Drive")
+    parser.add_argument("--encoder-config", help="Dinov2Config fields as JSON (head count etc.)")
+    args = parser.parse_args(argv)
+    try:
+        slim = prepare(args.checkpoint, args.gdrive_id, args.url, args.encoder_config)
+    except (CheckpointError, CheckpointMismatch) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"slim weights: {slim.weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

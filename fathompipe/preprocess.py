@@ -1,0 +1,152 @@
+"""The winner's preprocessing, reproduced exactly, with each image decoded once.
+
+Per ROI the reference cuts an object square and context windows of 3x and 5x the box and the whole
+image, resizes each to 256x256 (Pillow bicubic, aspect not kept) and normalizes with the DINOv2
+ImageNet statistics (shared/notes/reference-pipeline.md, part A). This module gives the same
+pixels, differing only where the reference crashes or is silent:
+
+- every PIL mode works: palette, 16-bit, 1-bit, CMYK ... are converted to RGB (the reference raises
+  IndexError on them); RGB, RGBA, LA and L behave exactly as in the reference;
+- crops that the reference's numpy slicing makes empty (boxes beyond the image) or very large
+  (negative slice ends for boxes far above or left of it) give the reference's result, on purpose,
+  and are reported per ROI;
+- the whole-image context is identical for every ROI of an image, so it is resized once per image.
+
+Workers hand uint8 HWC crops to the model; normalization (`normalize_uint8`) runs on the device as
+a lookup table that is bit-identical to the reference's float64 rescale then float32 normalize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+CROP = 256
+SCALES: Tuple[int, ...] = (3, 5, -1)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RESCALE = 0.00392156862745098
+
+
+@dataclass
+class ImageCrops:
+    """All model inputs of one image, uint8 (N, 256, 256, 3) per context, and what was odd."""
+
+    obj: np.ndarray
+    env: dict[int, np.ndarray]  # scale -> crops; scale -1 holds the distinct whole-image crops
+    whole_index: np.ndarray  # per ROI, its row in env[-1] (almost always 0: one per image)
+    notes: List[str] = field(default_factory=list)  # per ROI, "" when nothing was unusual
+    image_note: str = ""
+
+
+def open_image(path: str | Path) -> Tuple[Image.Image, str]:
+    """Open as the reference does (format from content, no EXIF transpose), and make the modes it
+    cannot handle usable. Returns the image and a note when its mode was converted."""
+    image = Image.open(path)
+    mode = image.mode
+    if mode in ("RGB", "RGBA", "LA"):
+        return image, ""
+    if mode == "L":
+        return image.convert("RGB"), ""  # the reference's only conversion
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: keep the high byte, as Pillow does for 48-bit RGB
+        arr = np.asarray(image, dtype=np.uint32) >> 8
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L").convert("RGB"), f"mode {mode} -> RGB"
+    if mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA"), "mode P -> RGBA"
+    return image.convert("RGB"), f"mode {mode} -> RGB"
+
+
+def _resize(arr: np.ndarray) -> Tuple[np.ndarray, bool]:
+    """Pillow's default-filter resize of a crop to 256x256, then convert('RGB') as the processor
+    does. An empty crop gives black, as Pillow does for the reference. Returns (HWC uint8, empty)."""
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        return np.zeros((CROP, CROP, 3), np.uint8), True
+    im = Image.fromarray(np.ascontiguousarray(arr)).resize((CROP, CROP))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im), False
+
+
+def _window(arr: np.ndarray, y1: int, y2: int, x1: int, x2: int) -> np.ndarray:
+    return arr[y1:y2, x1:x2, :]
+
+
+def roi_windows(bbox: Sequence[float], height: int, width: int) -> dict[str, Tuple[int, int, int, int]]:
+    """The reference's crop windows (y1, y2, x1, x2) for the object and each context scale, with
+    its float floor division and truncation kept verbatim. Scale -1 is the whole image unless the
+    box centre lies beyond the image's longer side."""
+    x, y, w, h = bbox
+    cx = int(x + w // 2)
+    cy = int(y + h // 2)
+    out: dict[str, Tuple[int, int, int, int]] = {}
+    for s in SCALES:
+        half = max(height, width) if s == -1 else (max(w, h) // 2) * s
+        out[f"env{s}"] = (int(max(cy - half, 0)), int(min(cy + half, height)),
+                          int(max(cx - half, 0)), int(min(cx + half, width)))
+    n = max(w, h) // 2
+    out["obj"] = (max(int(cy - n - 1), 0), min(int(cy + n + 1), height),
+                  max(int(cx - n - 1), 0), min(int(cx + n + 1), width))
+    return out
+
+
+def _describe(name: str, win: Tuple[int, int, int, int], arr: np.ndarray) -> str:
+    y1, y2, x1, x2 = win
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        return f"{name} crop empty (box outside the image): black, as the reference"
+    if y2 < 0 or x2 < 0:
+        return f"{name} crop has a negative end (box far outside): {arr.shape[1]}x{arr.shape[0]}, as the reference"
+    return ""
+
+
+def crop_image(path: str | Path, bboxes: Sequence[Sequence[float]]) -> ImageCrops:
+    """Decode `path` once and cut every ROI's four 256x256 inputs from it."""
+    image, image_note = open_image(path)
+    with image:
+        arr = np.asarray(image)
+    if arr.ndim == 2:  # cannot happen after open_image; kept as a guard for exotic plugins
+        arr = arr[:, :, None].repeat(3, axis=2)
+    height, width = arr.shape[:2]
+    n = len(bboxes)
+    obj = np.empty((n, CROP, CROP, 3), np.uint8)
+    env = {s: np.empty((n, CROP, CROP, 3), np.uint8) for s in SCALES if s != -1}
+    wholes: dict[Tuple[int, int, int, int], int] = {}
+    whole_crops: List[np.ndarray] = []
+    whole_index = np.empty(n, np.int64)
+    notes: List[str] = []
+    for i, bbox in enumerate(bboxes):
+        why: List[str] = []
+        for name, win in roi_windows(bbox, height, width).items():
+            crop = _window(arr, *win)
+            why.append(_describe(name, win, crop))
+            if name == "env-1":
+                if win not in wholes:
+                    wholes[win] = len(whole_crops)
+                    whole_crops.append(_resize(crop)[0])
+                whole_index[i] = wholes[win]
+            else:
+                target = obj if name == "obj" else env[int(name[3:])]
+                target[i] = _resize(crop)[0]
+        notes.append("; ".join(w for w in why if w))
+    env[-1] = np.stack(whole_crops) if whole_crops else np.empty((0, CROP, CROP, 3), np.uint8)
+    return ImageCrops(obj, env, whole_index, notes, image_note)
+
+
+def normalization_lut() -> torch.Tensor:
+    """(3, 256) float32: for channel c and byte v, float32(float64(v) * 1/255) normalized in float32
+    exactly as BitImageProcessor does, so a gather reproduces the reference bit for bit."""
+    rescaled = (np.arange(256, dtype=np.float64) * RESCALE).astype(np.float32)
+    mean = np.asarray(MEAN, dtype=np.float32)[:, None]
+    std = np.asarray(STD, dtype=np.float32)[:, None]
+    return torch.from_numpy((rescaled[None, :] - mean) / std)
+
+
+def normalize_uint8(batch: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) model input, on whatever device `batch` is."""
+    idx = batch.permute(0, 3, 1, 2).long()  # N, 3, H, W
+    channel = torch.arange(3, device=batch.device).view(1, 3, 1, 1)
+    return lut.to(batch.device)[channel, idx]
