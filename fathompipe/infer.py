@@ -1,0 +1,351 @@
+"""Inference stage: the winner's model over every ROI of a split, resumable, in one GPU job.
+
+    python -m fathompipe.infer --checkpoint C --annotations A --images-dir D --output OUT.csv
+        [--split train|test] [--device cpu|cuda] [--precision fp32|tf32|fp16|bf16]
+        [--batch-size N] [--encoder-config FILE] [--shard I --num-shards K]
+
+ROIs are grouped by image into a fixed plan of batches; DataLoader workers decode each image once and
+cut all its crops; the whole-image context is encoded once per image. Every finished batch is saved
+atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
+where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
+are merged into OUT.csv (competition format) and OUT.parquet (confidence, top-5, logits).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import atomic
+from .annotations import Annotation, CocoDataset, Image, load_coco, shard_images
+from .checkpoint import CheckpointError, SlimFiles, export_slim, load_model
+from .model import CheckpointMismatch, FathomNetClassifier
+from .preprocess import SCALES, crop_image, normalization_lut, normalize_uint8
+
+log = logging.getLogger("fathompipe.infer")
+TOPK = 5
+# Measured (BENCHMARKS.md): on a GPU, fp16 autocast agrees with fp32 and is the fastest such mode.
+GPU_DEFAULT_PRECISION = "fp16"
+
+
+@dataclass(frozen=True)
+class Item:
+    """Some ROIs of one image (an image with more ROIs than a batch is split into several items)."""
+
+    image: Image
+    annotations: Tuple[Annotation, ...]
+
+
+def plan_batches(dataset: CocoDataset, images: Sequence[Image], batch_size: int) -> List[List[Item]]:
+    """A deterministic batch plan: images in id order, each batch at most `batch_size` ROIs.
+
+    The plan depends only on the annotation file, the shard and the batch size, so batch i is the same
+    ROIs in every run: resuming skips finished batches and recomputes nothing."""
+    by_image: Dict[int, List[Annotation]] = {}
+    for ann in dataset.annotations:
+        by_image.setdefault(ann.image_id, []).append(ann)
+    batches: List[List[Item]] = []
+    current: List[Item] = []
+    count = 0
+    for image in images:
+        anns = sorted(by_image.get(image.id, []), key=lambda a: a.id)
+        for start in range(0, len(anns), batch_size):
+            chunk = tuple(anns[start:start + batch_size])
+            if count + len(chunk) > batch_size and current:
+                batches.append(current)
+                current, count = [], 0
+            current.append(Item(image, chunk))
+            count += len(chunk)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class BatchDataset(Dataset):
+    """Item i is batch i of the plan, fully preprocessed (uint8 crops); run in DataLoader workers."""
+
+    def __init__(self, batches: List[List[Item]], images_dir: Path, naming: str):
+        self.batches = batches
+        self.images_dir = images_dir
+        self.naming = naming
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        obj, env3, env5, whole, whole_index = [], [], [], [], []
+        ann_ids: List[int] = []
+        image_ids: List[int] = []
+        notes: List[str] = []
+        skipped: List[Tuple[int, int, str]] = []
+        for item in self.batches[index]:
+            path = self.images_dir / item.image.local_name(self.naming)
+            if not path.exists():
+                skipped += [(a.id, item.image.id, f"image missing: {path}") for a in item.annotations]
+                continue
+            try:
+                crops = crop_image(path, [a.bbox for a in item.annotations])
+            except Exception as exc:  # a corrupt file must not stop the job
+                skipped += [(a.id, item.image.id, f"image unreadable: {type(exc).__name__}: {exc}")
+                            for a in item.annotations]
+                continue
+            whole_index.append(crops.whole_index + sum(len(w) for w in whole))
+            obj.append(crops.obj)
+            env3.append(crops.env[3])
+            env5.append(crops.env[5])
+            whole.append(crops.env[-1])
+            ann_ids += [a.id for a in item.annotations]
+            image_ids += [item.image.id] * len(item.annotations)
+            notes += [("; ".join(n for n in (crops.image_note, note) if n)) for note in crops.notes]
+
+        def cat(parts: List[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, 256, 256, 3), dtype=torch.uint8)
+
+        return {"index": index, "obj": cat(obj), "env3": cat(env3), "env5": cat(env5), "whole": cat(whole),
+                "whole_index": torch.from_numpy(np.concatenate(whole_index)) if whole_index else torch.empty(0, dtype=torch.long),
+                "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, or a CPU node?)")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return GPU_DEFAULT_PRECISION if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and precision in ("tf32", "fp16"):
+        raise RuntimeError(f"--precision {precision} needs a GPU; use fp32 or bf16 on the CPU")
+    return precision
+
+
+class Predictor:
+    """The model on a device at a precision; `__call__` maps a preprocessed batch to fp32 logits."""
+
+    def __init__(self, model: FathomNetClassifier, device: torch.device, precision: str):
+        self.model = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.lut = normalization_lut().to(device)
+        if device.type == "cuda":
+            allow = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            torch.backends.cudnn.allow_tf32 = allow
+
+    def __call__(self, batch: Dict[str, object]) -> torch.Tensor:
+        def prep(key: str) -> torch.Tensor:
+            t = batch[key]
+            assert isinstance(t, torch.Tensor)
+            return normalize_uint8(t.to(self.device, non_blocking=True), self.lut)
+
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        whole_index = batch["whole_index"]
+        assert isinstance(whole_index, torch.Tensor)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            logits = self.model(prep("obj"), [prep("env3"), prep("env5"), prep("whole")],
+                                [None, None, whole_index.to(self.device, non_blocking=True)])
+        return logits.float().reshape(-1, logits.shape[-1]).cpu()
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    csv: Path
+
+    @property
+    def parquet(self) -> Path:
+        return self.csv.with_suffix(".parquet")
+
+    @property
+    def skipped(self) -> Path:
+        return self.csv.with_name(self.csv.stem + ".skipped.csv")
+
+    @property
+    def parts(self) -> Path:
+        return self.csv.with_name(self.csv.stem + ".parts")
+
+    def part(self, shard: int, index: int) -> Path:
+        return self.parts / f"shard{shard:03d}-batch{index:06d}.npz"
+
+    def shard_marker(self, shard: int, num_shards: int) -> Path:
+        return self.parts / f"shard{shard:03d}-of-{num_shards:03d}.done"
+
+
+def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    skipped = batch["skipped"]
+    assert isinstance(skipped, list)
+    np.savez(buf, annotation_id=np.asarray(batch["annotation_id"], np.int64),
+             image_id=np.asarray(batch["image_id"], np.int64), logits=logits.numpy().astype(np.float32),
+             note=np.asarray(batch["note"], dtype=str),
+             skipped=np.asarray([json.dumps(s) for s in skipped], dtype=str))
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, out: OutputFiles, naming: str,
+              device: str, precision: str, batch_size: int, num_workers: int, shard: int, num_shards: int,
+              progress: bool = True) -> Dict[str, int]:
+    """Compute every batch of this shard that has no part file yet."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    images = shard_images(dataset, shard, num_shards)
+    plan = plan_batches(dataset, images, batch_size)
+    todo = [i for i in range(len(plan)) if not out.part(shard, i).exists()]
+    n_rois = sum(len(it.annotations) for b in plan for it in b)
+    todo_rois = sum(len(it.annotations) for i in todo for it in plan[i])
+    t0 = time.monotonic()
+    model, spec = load_model(model_files, "cpu")
+    predictor = Predictor(model, dev, prec)
+    print(f"infer shard {shard}/{num_shards}: device={dev}"
+          f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''} precision={prec} "
+          f"batch_size={batch_size} workers={num_workers}; {n_rois} ROIs in {len(images)} images, "
+          f"{len(plan)} batches, {len(plan) - len(todo)} already done; model loaded in {time.monotonic() - t0:.1f}s",
+          flush=True)
+    out.parts.mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(BatchDataset([plan[i] for i in todo], images_dir, naming), batch_size=None,
+                        num_workers=num_workers, pin_memory=dev.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    counts = {"rois": 0, "skipped": 0}
+    with tqdm(total=todo_rois, unit="ROI", desc=f"infer shard {shard}", disable=not progress, dynamic_ncols=True,
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+        for batch in loader:
+            logits = predictor(batch) if batch["annotation_id"] else torch.empty((0, len(spec.class_names)))
+            _save_part(out.part(shard, todo[batch["index"]]), batch, logits)
+            counts["rois"] += len(batch["annotation_id"])
+            counts["skipped"] += len(batch["skipped"])
+            bar.update(len(batch["annotation_id"]) + len(batch["skipped"]))
+    seconds = time.monotonic() - t0
+    print(f"infer shard {shard}: {counts['rois']} ROIs predicted, {counts['skipped']} skipped, "
+          f"{counts['rois'] / max(seconds, 1e-9):.1f} ROI/s", flush=True)
+    atomic.write_json(out.shard_marker(shard, num_shards), counts)
+    return counts
+
+
+def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], num_shards: int,
+          split: str) -> Optional[Dict[str, int]]:
+    """Once every shard is done, write OUT.csv, OUT.parquet and OUT.skipped.csv atomically."""
+    out.parts.mkdir(parents=True, exist_ok=True)
+    with open(out.parts / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
+            return None
+        ids, image_ids, logits, notes, skipped = [], [], [], [], []
+        for part in sorted(out.parts.glob("shard*-batch*.npz")):
+            with np.load(part) as z:
+                ids.append(z["annotation_id"])
+                image_ids.append(z["image_id"])
+                logits.append(z["logits"])
+                notes += z["note"].tolist()
+                skipped += [json.loads(s) for s in z["skipped"].tolist()]
+        ann_id = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        order = np.argsort(ann_id, kind="stable")
+        ann_id = ann_id[order]
+        if len(np.unique(ann_id)) != len(ann_id):
+            raise RuntimeError(f"{out.parts}: duplicate annotation ids across parts (mixed runs?); delete it and rerun")
+        img = np.concatenate(image_ids)[order] if ids else np.empty(0, np.int64)
+        lg = np.concatenate(logits)[order] if ids else np.empty((0, len(class_names)), np.float32)
+        note = [notes[i] for i in order]
+        names = np.asarray(class_names)
+        probs = torch.softmax(torch.from_numpy(lg), dim=1)
+        top_p, top_i = probs.topk(min(TOPK, len(class_names)), dim=1)
+        pred = names[top_i[:, 0].numpy()] if len(ann_id) else np.empty(0, str)
+        labels = {a.id: dataset.categories[a.category_id] for a in dataset.annotations if a.category_id is not None}
+        csv = "annotation_id,concept_name\n" + "".join(f"{a},{_csv_field(n)}\n" for a, n in zip(ann_id.tolist(), pred))
+        atomic.write_text(out.csv, csv)
+        table = pa.table({
+            "annotation_id": pa.array(ann_id, pa.int64()),
+            "image_id": pa.array(img, pa.int64()),
+            "split": pa.array([split] * len(ann_id), pa.string()),
+            "concept_name": pa.array(pred.tolist(), pa.string()),
+            "confidence": pa.array(top_p[:, 0].numpy(), pa.float32()),
+            "top5_names": pa.array([names[r].tolist() for r in top_i.numpy()], pa.list_(pa.string())),
+            "top5_scores": pa.array([r.tolist() for r in top_p.numpy()], pa.list_(pa.float32())),
+            "logits": pa.array(list(lg), pa.list_(pa.float32())),
+            "label": pa.array([labels.get(a) for a in ann_id.tolist()], pa.string()),
+            "note": pa.array(note, pa.string()),
+        })
+        with atomic.atomic_path(out.parquet) as tmp:
+            pq.write_table(table, tmp)
+        skipped.sort()
+        atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
+                          "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
+        return {"predicted": len(ann_id), "skipped": len(skipped)}
+
+
+def _csv_field(value: str) -> str:
+    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
+
+
+def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> SlimFiles:
+    """Accept the Lightning .ckpt (slim files made or reused beside it) or the slim .safetensors."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        return SlimFiles(path, path.with_suffix(".json"))
+    return export_slim(path, encoder_config)
+
+
+def run(checkpoint: str | Path, annotations: str | Path, images_dir: str | Path, output: str | Path,
+        split: str = "test", device: str = "auto", precision: str = "auto", batch_size: int = 64,
+        num_workers: int = 4, encoder_config: Optional[str | Path] = None, naming: str = "file_name",
+        shard: int = 0, num_shards: int = 1, progress: bool = True) -> Optional[Dict[str, int]]:
+    """One shard of the stage (the callable the driver submits); merges when it is the last."""
+    dataset = load_coco(annotations)
+    files = slim_files(checkpoint, encoder_config)
+    out = OutputFiles(Path(output))
+    if not out.shard_marker(shard, num_shards).exists():
+        run_shard(files, dataset, Path(images_dir), out, naming, device, precision, batch_size, num_workers,
+                  shard, num_shards, progress)
+    class_names = json.loads(files.meta.read_text())["spec"]["class_names"]
+    merged = merge(dataset, out, class_names, num_shards, split)
+    if merged is not None:
+        print(f"wrote {out.csv} and {out.parquet}: {merged['predicted']} predictions; "
+              f"{merged['skipped']} ROIs skipped (listed in {out.skipped})", flush=True)
+    return merged
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fathompipe.infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt or its .inference.safetensors")
+    parser.add_argument("--annotations", required=True)
+    parser.add_argument("--images-dir", required=True)
+    parser.add_argument("--output", required=True, help="OUT.csv; OUT.parquet is written beside it")
+    parser.add_argument("--split", choices=["train", "test"], default="test")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "fp32", "tf32", "fp16", "bf16"], default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--encoder-config", help="Dinov2Config fields as JSON (e.g. the parity fixture's)")
+    parser.add_argument("--naming", choices=["file_name", "image_id"], default="file_name")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        run(args.checkpoint, args.annotations, args.images_dir, args.output, args.split, args.device, args.precision,
+            args.batch_size, args.num_workers, args.encoder_config, args.naming, args.shard, args.num_shards)
+    except (CheckpointError, CheckpointMismatch, RuntimeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
