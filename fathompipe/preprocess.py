@@ -25,6 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # libspng decodes PNG about 1.5x faster than Pillow; PNG is lossless, so the pixels are identical
+    import pyspng
+except ImportError:  # pragma: no cover - optional speed-up
+    pyspng = None
+
 CROP = 256
 SCALES: Tuple[int, ...] = (3, 5, -1)
 MEAN = (0.485, 0.456, 0.406)
@@ -61,15 +66,41 @@ def open_image(path: str | Path) -> Tuple[Image.Image, str]:
     return image.convert("RGB"), f"mode {mode} -> RGB"
 
 
+def decode(path: str | Path) -> Tuple[np.ndarray, str]:
+    """The image as the reference sees it after its mode handling: HxWxC uint8, C in {2, 3, 4}."""
+    image = Image.open(path)  # reads the header only
+    with image:
+        if (pyspng is not None and image.format == "PNG" and image.mode == "RGB"
+                and "transparency" not in image.info):
+            arr = pyspng.load(Path(path).read_bytes())
+            if arr.dtype == np.uint16:
+                arr = (arr >> 8).astype(np.uint8)  # Pillow reads 48-bit RGB as its high bytes
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                return arr, ""
+        converted, note = open_image(path)
+        with converted:
+            return np.asarray(converted), note
+
+
 def _resize(arr: np.ndarray) -> Tuple[np.ndarray, bool]:
     """Pillow's default-filter resize of a crop to 256x256, then convert('RGB') as the processor
     does. An empty crop gives black, as Pillow does for the reference. Returns (HWC uint8, empty)."""
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         return np.zeros((CROP, CROP, 3), np.uint8), True
-    im = Image.fromarray(np.ascontiguousarray(arr)).resize((CROP, CROP))
+    im = _to_pil(arr).resize((CROP, CROP))
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im), False
+
+
+_MODES = {2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _to_pil(arr: np.ndarray) -> Image.Image:
+    """Image.fromarray without its zero fill of the new image (8% of preprocessing time)."""
+    im = Image.new(_MODES[arr.shape[2]], (arr.shape[1], arr.shape[0]), None)
+    im.frombytes(np.ascontiguousarray(arr))
+    return im
 
 
 def _window(arr: np.ndarray, y1: int, y2: int, x1: int, x2: int) -> np.ndarray:
@@ -105,11 +136,7 @@ def _describe(name: str, win: Tuple[int, int, int, int], arr: np.ndarray) -> str
 
 def crop_image(path: str | Path, bboxes: Sequence[Sequence[float]]) -> ImageCrops:
     """Decode `path` once and cut every ROI's four 256x256 inputs from it."""
-    image, image_note = open_image(path)
-    with image:
-        arr = np.asarray(image)
-    if arr.ndim == 2:  # cannot happen after open_image; kept as a guard for exotic plugins
-        arr = arr[:, :, None].repeat(3, axis=2)
+    arr, image_note = decode(path)
     height, width = arr.shape[:2]
     n = len(bboxes)
     obj = np.empty((n, CROP, CROP, 3), np.uint8)
@@ -146,7 +173,7 @@ def normalization_lut() -> torch.Tensor:
 
 
 def normalize_uint8(batch: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) model input, on whatever device `batch` is."""
-    idx = batch.permute(0, 3, 1, 2).long()  # N, 3, H, W
-    channel = torch.arange(3, device=batch.device).view(1, 3, 1, 1)
-    return lut.to(batch.device)[channel, idx]
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) model input, on whatever device `batch` is:
+    one gather into the flattened (3 x 256) table."""
+    offsets = torch.tensor([0, 256, 512], device=batch.device).view(1, 3, 1, 1)
+    return lut.to(batch.device).flatten()[batch.permute(0, 3, 1, 2).long() + offsets]

@@ -1,0 +1,350 @@
+"""Inference benchmark: preprocessing per core, model throughput per precision, and end to end.
+
+    python bench/infer.py [--sections preprocess,model,e2e] [--device auto] [--quick]
+
+(a) preprocess: ROI/s on one core, fathompipe (decode each image once, shared whole-image crop,
+    LUT normalization) against a straightforward per-ROI implementation of the reference recipe
+    (reopen and decode the image for every ROI, four crops, resize, float64 rescale, float32
+    normalize: what C1.TestModel.py's dataset does), on synthetic 1920x1080 PNGs with the train
+    split's ROIs-per-image distribution. Both give identical tensors (checked).
+(b) model: ROI/s for fp32, tf32, fp16 and bf16 on the device, argmax agreement with fp32, peak
+    memory. The real 16 GB checkpoint is not available here, so the full-size architecture
+    (4 x ViT-L/14) gets random weights, and agreement is also measured on the parity fixture's
+    trained tiny model.
+(c) e2e: `fathompipe.infer.run` over a train-like split (synthetic images, random full-size weights)
+    with DataLoader workers: the stage's real ROI/s including decode and preprocessing.
+Prints one table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fathompipe.model import FathomNetClassifier, ModelSpec, to_checkpoint_name  # noqa: E402
+from fathompipe.preprocess import MEAN, RESCALE, STD, crop_image, normalization_lut, normalize_uint8  # noqa: E402
+
+SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
+LABELS = SHARED / "data/fathomnet2025/train_annotation_labels.csv"
+PARITY = SHARED / "fixtures/parity-golden"
+rows: List[Dict[str, str]] = []
+
+
+def report(section: str, variant: str, **values: object) -> None:
+    rows.append({"section": section, "variant": variant, **{k: str(v) for k, v in values.items()}})
+    print(f"[{section}] {variant}: " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+
+
+def rois_per_image(n_images: int, seed: int = 0) -> List[int]:
+    """Sample the real train split's ROIs-per-image distribution (from the labels CSV)."""
+    counts: Dict[str, int] = {}
+    if LABELS.exists():
+        for line in LABELS.read_text().splitlines()[1:]:
+            image_id = line.split(",")[1]
+            counts[image_id] = counts.get(image_id, 0) + 1
+        dist = np.array(list(counts.values()))
+    else:  # the device machine has no shared/: the measured mean, 23,699 / 8,981
+        dist = np.array([1] * 55 + [2] * 20 + [3] * 10 + [4] * 5 + [6] * 5 + [10] * 5)
+    return np.random.default_rng(seed).choice(dist, n_images).tolist()
+
+
+def _make_image(args: tuple) -> None:
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, size=(34, 60, 3), dtype=np.uint8)
+    im = np.asarray(Image.fromarray(small).resize((1920, 1080), Image.BICUBIC)).astype(np.int16)
+    im = (im + rng.normal(0, 6, im.shape)).clip(0, 255).astype(np.uint8)  # sensor-like noise: ~3 MB PNGs
+    Image.fromarray(im).save(path, compress_level=6)
+
+
+def make_split(folder: Path, n_images: int) -> Path:
+    """Synthetic 1920x1080 PNGs and a COCO file with train-like ROI counts and box sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = rois_per_image(n_images)
+    rng = np.random.default_rng(1)
+    images, anns = [], []
+    for i, k in enumerate(counts, start=1):
+        name = f"img{i:05d}.png"
+        images.append({"id": i, "file_name": name, "width": 1920, "height": 1080,
+                       "coco_url": f"http://127.0.0.1/{name}"})
+        for _ in range(k):
+            # box sizes: a lognormal fitted to the real test split's max(w, h) (median 61 px, p90 196 px)
+            side = float(np.clip(rng.lognormal(np.log(61), 0.91), 4, 1000))
+            aspect = float(np.exp(rng.normal(0, 0.4)))
+            w, h = round(side * min(1, aspect), 1), round(side * min(1, 1 / aspect), 1)
+            x, y = float(rng.integers(0, 1920 - int(w))), float(rng.integers(0, 1080 - int(h)))
+            anns.append({"id": len(anns) + 1, "image_id": i, "bbox": [x, y, w, h], "category_id": None})
+    todo = [(folder / im["file_name"], im["id"]) for im in images if not (folder / im["file_name"]).exists()]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_make_image, todo, chunksize=8))
+    cats = [{"id": i, "name": f"class{i}"} for i in range(1, 80)]
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def reference_roi(path: Path, bbox: List[float]) -> List[np.ndarray]:
+    """The reference recipe for one ROI, as C1's dataset does it (shared notes, part A)."""
+    image = Image.open(path)
+    if image.mode == "L":
+        image = image.convert("RGB")
+    W, H = image.size
+    x, y, w, h = bbox
+    cx, cy = int(x + w // 2), int(y + h // 2)
+    arr = np.array(image)
+    crops = []
+    for s in (3, 5, -1):
+        half = max(H, W) if s == -1 else (max(w, h) // 2) * s
+        y1, y2 = int(max(cy - half, 0)), int(min(cy + half, H))
+        x1, x2 = int(max(cx - half, 0)), int(min(cx + half, W))
+        crops.append(Image.fromarray(arr[y1:y2, x1:x2, :]))
+    n = max(w, h) // 2
+    obj = Image.fromarray(arr[max(int(cy - n - 1), 0):min(int(cy + n + 1), H),
+                              max(int(cx - n - 1), 0):min(int(cx + n + 1), W), :])
+    return [processor()(im.resize((256, 256)), return_tensors="np")["pixel_values"][0] for im in [obj] + crops]
+
+
+_PROCESSOR = None
+
+
+def processor():
+    """transformers' PIL-backend BitImageProcessor with dinov2-large's settings, center crop off:
+    the reference's processor (its slow class in transformers 4.52)."""
+    global _PROCESSOR
+    if _PROCESSOR is None:
+        try:
+            from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil as Proc
+        except ImportError:  # transformers 4.x
+            from transformers import BitImageProcessor as Proc
+        _PROCESSOR = Proc(do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=False,
+                          do_rescale=True, rescale_factor=RESCALE, do_normalize=True, image_mean=list(MEAN),
+                          image_std=list(STD), do_convert_rgb=True)
+    return _PROCESSOR
+
+
+def bench_preprocess(folder: Path, ann_path: Path, n_images: int) -> None:
+    torch.set_num_threads(1)
+    data = json.loads(ann_path.read_text())
+    by_image: Dict[int, List[List[float]]] = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["bbox"])
+    images = [im for im in data["images"]][:n_images]
+    n_rois = sum(len(by_image.get(im["id"], [])) for im in images)
+    lut = normalization_lut()
+    processor()
+
+    def ours_worker() -> list:
+        return [crop_image(folder / im["file_name"], by_image[im["id"]]) for im in images]
+
+    def ours_normalize(crops: list) -> None:
+        for c in crops:
+            normalize_uint8(torch.from_numpy(c.obj), lut)
+            for s in (3, 5, -1):
+                normalize_uint8(torch.from_numpy(c.env[s]), lut)
+
+    def reference() -> list:
+        return [reference_roi(folder / im["file_name"], bbox) for im in images for bbox in by_image[im["id"]]]
+
+    # best of 3, interleaved, so a busy moment on the machine does not decide the ratio
+    t_worker, t_norm, t_ref = [], [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        crops = ours_worker()
+        t_worker.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ours_normalize(crops)
+        t_norm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref_out = reference()
+        t_ref.append(time.perf_counter() - t0)
+    worker = n_rois / min(t_worker)  # what a DataLoader worker does; normalization runs on the GPU
+    ours = n_rois / (min(t_worker) + min(t_norm))
+    ref = n_rois / min(t_ref)
+    c = crops[0]
+    first = [normalize_uint8(torch.from_numpy(a), lut)[i].numpy()
+             for a, i in ((c.obj, 0), (c.env[3], 0), (c.env[5], 0), (c.env[-1], c.whole_index[0]))]
+    ref_first = ref_out[0]
+    same = all(np.array_equal(a, b) for a, b in zip(first, ref_first))
+    report("preprocess", "reference per-ROI (1 core)", roi_per_s=f"{ref:.1f}", rois=n_rois)
+    report("preprocess", "fathompipe worker, uint8 out (1 core)", roi_per_s=f"{worker:.1f}", rois=n_rois,
+           speedup=f"{worker / ref:.2f}x", identical_tensors=same)
+    report("preprocess", "fathompipe incl. CPU normalization (1 core)", roi_per_s=f"{ours:.1f}", rois=n_rois,
+           speedup=f"{ours / ref:.2f}x")
+
+
+def full_spec() -> ModelSpec:
+    return ModelSpec(hidden_size=1024, num_layers=24, num_heads=16, patch_size=14, image_size=518, mlp_ratio=4,
+                     crop_size=256, scales=[3, 5, -1], attn_blocks=4, attn_heads=8,
+                     class_names=[f"class{i}" for i in range(79)])
+
+
+def random_model(spec: ModelSpec, device: torch.device) -> FathomNetClassifier:
+    """Full-size architecture, random weights (DINOv2-like scales), built directly on the device."""
+    with torch.device("meta"):
+        model = FathomNetClassifier(spec)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name or "layernorm" in name or name.endswith(".net.2.weight") or name.endswith(
+                    ".net.6.weight") or name.endswith(".net.3.weight"):
+                p.fill_(1.0)
+            elif "lambda1" in name:
+                p.fill_(0.1)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.eval()
+
+
+def bench_model(device: torch.device, quick: bool) -> None:
+    from fathompipe.infer import Predictor
+    spec = full_spec() if not quick else ModelSpec(32, 2, 4, 14, 518, 4, 256, [3, 5, -1], 4, 8,
+                                                   [f"c{i}" for i in range(79)])
+    model = random_model(spec, device)
+    batch_size = 64 if not quick else 4
+    n_batches = 8 if not quick else 2
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        u = max(1, round(batch_size / 2.64))
+        batches.append({"obj": torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8, generator=g),
+                        "env3": torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8, generator=g),
+                        "env5": torch.randint(0, 256, (batch_size, 256, 256, 3), dtype=torch.uint8, generator=g),
+                        "whole": torch.randint(0, 256, (u, 256, 256, 3), dtype=torch.uint8, generator=g),
+                        "whole_index": torch.arange(batch_size) % u})
+    if device.type == "cuda":
+        for b in batches:
+            for k, v in b.items():
+                b[k] = v.pin_memory()
+    reference = None
+    precisions = ["fp32", "tf32", "fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    for precision in precisions:
+        pred = Predictor(model, device, precision)
+        pred(batches[0])  # warm-up: kernels, autotuning
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        logits = torch.cat([pred(b) for b in batches])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if reference is None:
+            reference = logits
+        agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+        report("model", f"{precision} random full-size" if not quick else f"{precision} quick", batch=batch_size,
+               roi_per_s=f"{len(logits) / dt:.1f}", argmax_agree_vs_fp32=f"{agree:.4f}",
+               max_abs_logit_diff=f"{(logits - reference).abs().max().item():.4f}", peak_gib=f"{peak:.1f}")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_parity_agreement(device: torch.device) -> None:
+    """Agreement with fp32 on the parity fixture's trained tiny model (real preprocessing)."""
+    from fathompipe.checkpoint import export_slim, load_model
+    from fathompipe.infer import Predictor
+    if not (PARITY / "model.ckpt").exists():
+        return
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "model.ckpt").write_bytes((PARITY / "model.ckpt").read_bytes())
+    slim = export_slim(tmp / "model.ckpt", PARITY / "tiny_dinov2_config.json")
+    data = json.loads((PARITY / "dataset.json").read_text())
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    crops = [crop_image(PARITY / "images" / names[a["image_id"]], [a["bbox"]]) for a in data["annotations"]]
+    batch = {"obj": torch.from_numpy(np.concatenate([c.obj for c in crops])),
+             "env3": torch.from_numpy(np.concatenate([c.env[3] for c in crops])),
+             "env5": torch.from_numpy(np.concatenate([c.env[5] for c in crops])),
+             "whole": torch.from_numpy(np.concatenate([c.env[-1] for c in crops])),
+             "whole_index": torch.arange(len(crops))}
+    expected = np.load(PARITY / "expected_logits_pillow13.npy")
+    for precision in (["fp32", "tf32", "fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]):
+        model, _ = load_model(slim)
+        logits = Predictor(model, device, precision)(batch).numpy()
+        report("parity-fixture", precision, argmax_agree=f"{(logits.argmax(1) == expected.argmax(1)).mean():.4f}",
+               max_abs_logit_diff=f"{np.abs(logits - expected).max():.5f}")
+
+
+def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: int, batch_size: int) -> None:
+    from safetensors.torch import save_file
+    from fathompipe.infer import run
+    spec = full_spec()
+    ckpt_dir = folder / "ckpt"
+    ckpt_dir.mkdir(exist_ok=True)
+    weights, meta = ckpt_dir / "random.inference.safetensors", ckpt_dir / "random.inference.json"
+    if not meta.exists():
+        model = random_model(spec, device)
+        save_file({to_checkpoint_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(weights))
+        meta.write_text(json.dumps({"spec": spec.__dict__}))
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    n_rois = len(json.loads(ann_path.read_text())["annotations"])
+    for precision in (["fp16", "bf16"] if device.type == "cuda" else ["fp32"]):
+        out = folder / f"e2e-{precision}" / "pred.csv"
+        t0 = time.perf_counter()
+        run(weights, ann_path, folder, out, device=str(device), precision=precision, batch_size=batch_size,
+            num_workers=workers, progress=False)
+        dt = time.perf_counter() - t0
+        report("e2e", f"infer.run {precision} ({workers} workers, batch {batch_size})", rois=n_rois,
+               seconds=f"{dt:.1f}", roi_per_s=f"{n_rois / dt:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="preprocess,model,parity,e2e")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=1500, help="synthetic images for e2e")
+    parser.add_argument("--preprocess-images", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fathompipe-bench-infer"))
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    sections = args.sections.split(",")
+    folder = Path(args.workdir)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    n = args.images if not args.quick else 12
+    t0 = time.perf_counter()
+    ann = make_split(folder / "images", max(n, args.preprocess_images))
+    print(f"synthetic split ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    if "preprocess" in sections:
+        bench_preprocess(folder / "images", ann, args.preprocess_images if not args.quick else 6)
+    if "parity" in sections:
+        bench_parity_agreement(device)
+    if "model" in sections:
+        bench_model(device, args.quick)
+    if "e2e" in sections and not args.quick:
+        bench_e2e(device, folder / "images", ann, args.workers, args.batch_size)
+    keys = ["section", "variant"] + sorted({k for r in rows for k in r} - {"section", "variant"})
+    print(f"\n## bench/infer.py on {name}\n")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(r.get(k, "") for k in keys) + " |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
