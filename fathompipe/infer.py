@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -223,17 +224,30 @@ def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, ou
                         num_workers=num_workers, pin_memory=dev.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     counts = {"rois": 0, "skipped": 0}
-    with tqdm(total=todo_rois, unit="ROI", desc=f"infer shard {shard}", disable=not progress, dynamic_ncols=True,
-              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+    first_batch_at: Optional[float] = None
+    first_batch_rois = 0
+    # part files are written (and fsynced) on a thread, overlapping the next batch on the device
+    with ThreadPoolExecutor(max_workers=1) as saver, \
+            tqdm(total=todo_rois, unit="ROI", desc=f"infer shard {shard}", disable=not progress, dynamic_ncols=True,
+                 mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+        pending = []
         for batch in loader:
             logits = predictor(batch) if batch["annotation_id"] else torch.empty((0, len(spec.class_names)))
-            _save_part(out.part(shard, todo[batch["index"]]), batch, logits)
+            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits))
             counts["rois"] += len(batch["annotation_id"])
             counts["skipped"] += len(batch["skipped"])
             bar.update(len(batch["annotation_id"]) + len(batch["skipped"]))
+            if first_batch_at is None:
+                first_batch_at, first_batch_rois = time.monotonic(), counts["rois"]
+        for future in pending:
+            future.result()  # surface any write error before the shard is marked done
     seconds = time.monotonic() - t0
-    print(f"infer shard {shard}: {counts['rois']} ROIs predicted, {counts['skipped']} skipped, "
-          f"{counts['rois'] / max(seconds, 1e-9):.1f} ROI/s", flush=True)
+    steady = ""
+    if first_batch_at is not None and counts["rois"] > first_batch_rois:
+        rate = (counts["rois"] - first_batch_rois) / max(time.monotonic() - first_batch_at, 1e-9)
+        steady = f" ({rate:.1f} ROI/s after the first batch)"
+    print(f"infer shard {shard}: {counts['rois']} ROIs predicted, {counts['skipped']} skipped in {seconds:.1f}s, "
+          f"{counts['rois'] / max(seconds, 1e-9):.1f} ROI/s{steady}", flush=True)
     atomic.write_json(out.shard_marker(shard, num_shards), counts)
     return counts
 
