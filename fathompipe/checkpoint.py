@@ -105,15 +105,26 @@ def load_encoder_overrides(path: Optional[str | Path]) -> Dict[str, Any]:
     return {k: data[k] for k in keep if k in data}
 
 
+def slim_is_current(checkpoint: Path, encoder_config: Optional[str | Path] = None) -> bool:
+    """True when the slim files exist and were exported from this very file with these settings."""
+    slim = SlimFiles.beside(checkpoint)
+    if not (checkpoint.exists() and slim.meta.exists() and slim.weights.exists()):
+        return False
+    try:
+        meta = json.loads(slim.meta.read_text())
+    except ValueError:
+        return False
+    return meta.get("source") == fingerprint(checkpoint) and \
+        meta.get("encoder_config") == load_encoder_overrides(encoder_config)
+
+
 def export_slim(checkpoint: Path, encoder_config: Optional[str | Path] = None, force: bool = False) -> SlimFiles:
     """Verify `checkpoint` and write (or reuse) its slim inference files."""
     slim = SlimFiles.beside(checkpoint)
+    if not force and slim_is_current(checkpoint, encoder_config):
+        print(f"slim weights up to date: {slim.weights}")
+        return slim
     overrides = load_encoder_overrides(encoder_config)
-    if not force and slim.meta.exists() and slim.weights.exists():
-        meta = json.loads(slim.meta.read_text())
-        if meta.get("source") == fingerprint(checkpoint) and meta.get("encoder_config") == overrides:
-            print(f"slim weights up to date: {slim.weights}")
-            return slim
     t0 = time.monotonic()
     ckpt = load_lightning_checkpoint(checkpoint)
     spec = spec_from_checkpoint(ckpt, overrides)

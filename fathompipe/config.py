@@ -72,6 +72,7 @@ class DownloadConfig:
 class CheckpointConfig:
     path: str = "checkpoints/last-002.ckpt"
     gdrive_id: str = WINNER_GDRIVE_ID
+    url: Optional[str] = None  # a mirror to download from instead of Google Drive
     resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=180))
 
 
@@ -81,6 +82,7 @@ class InferConfig:
     precision: str = "auto"  # fp32 on the CPU, the measured fastest agreeing mode on a GPU
     batch_size: int = 64
     num_workers: int = 4
+    shards: int = 1  # GPU array tasks over disjoint image sets, merged at the end
     encoder_config: Optional[str] = None  # Dinov2Config fields as JSON; default: 64-dim heads
     resources: Resources = field(
         default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1)
@@ -189,6 +191,7 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     _check(i.precision in PRECISIONS, source, "infer.precision", i.precision, f"must be one of {', '.join(PRECISIONS)}")
     _check(i.batch_size >= 1, source, "infer.batch_size", i.batch_size, "must be at least 1")
     _check(i.num_workers >= 0, source, "infer.num_workers", i.num_workers, "must be 0 or more")
+    _check(i.shards >= 1, source, "infer.shards", i.shards, "must be at least 1")
     if i.encoder_config:
         _check(Path(i.encoder_config).is_file(), source, "infer.encoder_config", i.encoder_config, "file does not exist")
     for stage in ("download", "checkpoint", "infer"):

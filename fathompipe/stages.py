@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+import submitit
 
 from .config import PipelineConfig, Resources
 from .download import DownloadOptions, ShardFiles, download_shard
@@ -76,6 +78,85 @@ def download_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 
 
 @dataclass(frozen=True)
+class CheckpointTask:
+    path: str
+    gdrive_id: str
+    url: Optional[str]
+    encoder_config: Optional[str]
+    key: str = "checkpoint"
+
+    def done(self) -> bool:
+        from .checkpoint import slim_is_current
+        return slim_is_current(Path(self.path), self.encoder_config)
+
+    def progress(self) -> Dict[str, int]:
+        return {"slim": int(self.done())}
+
+    def __call__(self) -> str:
+        from .checkpoint import prepare
+        return str(prepare(self.path, self.gdrive_id, self.url, self.encoder_config).weights)
+
+
+@dataclass(frozen=True)
+class InferTask(submitit.helpers.Checkpointable):
+    """Requeued by submitit at its time limit or on preemption; finished batches are on disk."""
+
+    split: str
+    annotations: str
+    images_dir: str
+    checkpoint_path: str  # not `checkpoint`: that is submitit's requeue hook
+    output: str
+    device: str
+    precision: str
+    batch_size: int
+    num_workers: int
+    encoder_config: Optional[str]
+    naming: str
+    shard: int
+    num_shards: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{self.shard}"
+
+    def done(self) -> bool:
+        from .infer import OutputFiles
+        out = OutputFiles(Path(self.output))
+        return out.shard_marker(self.shard, self.num_shards).exists() and out.csv.exists()
+
+    def progress(self) -> Dict[str, int]:
+        from .infer import OutputFiles
+        return {"batches": len(list(OutputFiles(Path(self.output)).parts.glob(f"shard{self.shard:03d}-batch*.npz")))}
+
+    def __call__(self) -> object:
+        from .infer import run
+        return run(self.checkpoint_path, self.annotations, self.images_dir, self.output, self.split, self.device,
+                   self.precision, self.batch_size, self.num_workers, self.encoder_config, self.naming, self.shard,
+                   self.num_shards)
+
+
+def checkpoint_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
+    c = cfg.checkpoint
+    return [CheckpointTask(c.path, c.gdrive_id, c.url, cfg.infer.encoder_config)]
+
+
+def predictions_path(paths: RunPaths, split: str) -> Path:
+    return paths.state("infer") / split / "predictions.csv"
+
+
+def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
+    i = cfg.infer
+    tasks: List[Task] = []
+    for split in cfg.data.splits:
+        data = getattr(cfg.data, split)
+        for shard in range(i.shards):
+            tasks.append(InferTask(split, data.annotations, data.images_dir, cfg.checkpoint.path,
+                                   str(predictions_path(paths, split)), i.device, i.precision, i.batch_size,
+                                   i.num_workers, i.encoder_config, cfg.download.naming, shard, i.shards))
+    return tasks
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     after: Tuple[str, ...]
@@ -86,6 +167,8 @@ class Stage:
 
 STAGES: List[Stage] = [
     Stage("download", (), lambda c: c.download.resources, download_tasks, "images"),
+    Stage("checkpoint", (), lambda c: c.checkpoint.resources, checkpoint_tasks, "slim weights"),
+    Stage("infer", ("download", "checkpoint"), lambda c: c.infer.resources, infer_tasks, "batches"),
 ]
 
 

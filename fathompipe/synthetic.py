@@ -47,3 +47,33 @@ def serve_dataset(annotations: str | Path, out_json: str | Path, serve_dir: str 
         im["coco_url"] = base_url + im["file_name"]
     Path(out_json).write_text(json.dumps(raw))
     return raw
+
+
+def train_like_coco(labels_csv: str | Path, categories_from: str | Path, out_json: str | Path,
+                    seed: int = 0) -> Path:
+    """A labelled COCO file with the real train split's ids and labels (from
+    train_annotation_labels.csv) and synthetic 1920x1080 images and boxes (the real boxes are not
+    public here): a realistic train-sized input for tests and benchmarks."""
+    import csv
+
+    rng = np.random.default_rng(seed)
+    categories = json.loads(Path(categories_from).read_text())["categories"]
+    images: Dict[int, Dict[str, Any]] = {}
+    annotations = []
+    with open(labels_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            image_id = int(row["image_id"])
+            if image_id not in images:
+                images[image_id] = {"id": image_id, "width": 1920, "height": 1080,
+                                    "file_name": f"train-{image_id:05d}.png",
+                                    "coco_url": f"https://fathomnet.invalid/train-{image_id:05d}.png"}
+            side = float(np.clip(rng.lognormal(np.log(61), 0.91), 4, 1000))
+            w, h = round(side, 1), round(side * float(np.exp(rng.normal(0, 0.3))), 1)
+            x, y = float(rng.uniform(0, 1920 - w)), float(rng.uniform(0, max(1.0, 1080 - h)))
+            annotations.append({"id": int(row["annotation_id"]), "image_id": image_id,
+                                "category_id": int(row["category_id"]), "bbox": [x, y, w, h],
+                                "area": w * h, "iscrowd": 0, "segmentation": []})
+    out = Path(out_json)
+    out.write_text(json.dumps({"images": list(images.values()), "annotations": annotations,
+                               "categories": categories}))
+    return out

@@ -1,0 +1,97 @@
+"""Shared fixtures: the read-only reference data, a real Slurm, and a fake FathomNet server.
+
+In CI (CI=true) a missing Slurm is an error, never a skip: .ci/run brings it up first.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data" / "fathomnet2025"
+PARITY = SHARED / "fixtures" / "parity-golden"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not DATA.exists():
+        raise pytest.UsageError(f"reference data not found at {SHARED}; set FATHOMPIPE_SHARED")
+
+
+def slurm_ready() -> str:
+    """'' when a Slurm cluster answers here, else why not."""
+    if not shutil.which("sinfo"):
+        return "Slurm is not installed (run tests/infra/slurm.sh up as root)"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return f"Slurm does not answer: {proc.stderr.strip()[:200]} (run tests/infra/slurm.sh up)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    why = slurm_ready()
+    if why:
+        if IN_CI:
+            pytest.fail(f"CI must run the Slurm tests: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def fake_fathomnet(tmp_path: Path):
+    """Factory: serve synthetic images for (a prefix of) an annotation file; yields (server, json)."""
+    from fathompipe.fakeserver import FakeFathomNet, Faults, ServerThread
+    from fathompipe.synthetic import serve_dataset
+
+    threads = []
+
+    def start(annotations: Path, faults: Faults = Faults(), limit: int | None = None, name: str = "srv"):
+        server = FakeFathomNet(tmp_path / name, faults)
+        thread = ServerThread(server).__enter__()
+        threads.append(thread)
+        out = tmp_path / f"{name}.json"
+        serve_dataset(annotations, out, tmp_path / name, thread.base_url, limit=limit)
+        return server, out
+
+    yield start
+    for t in threads:
+        t.__exit__(None, None, None)
+
+
+@pytest.fixture
+def parity_copy(tmp_path: Path) -> Path:
+    """A writable copy of the parity checkpoint (slim files are written beside it)."""
+    target = tmp_path / "ckpt" / "model.ckpt"
+    target.parent.mkdir()
+    shutil.copyfile(PARITY / "model.ckpt", target)
+    return target
+
+
+def run_module(module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+@pytest.fixture
+def run_cli():
+    return run_module
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if "slurm" in item.fixturenames:
+            item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_slurm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    yield
