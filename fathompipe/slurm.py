@@ -159,15 +159,21 @@ def log_paths(folder: Path, job_id: str) -> Dict[str, Path]:
     return {"stdout": p.stdout, "stderr": p.stderr}
 
 
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Failed|Interrupt|Mismatch)\b.*?:")
+_SCHEDULER_LINE = re.compile(r"(CANCELLED|DUE TO TIME LIMIT|PREEMPT|oom-kill|Killed|NODE FAIL)", re.I)
+
+
 def last_error_line(path: Path, max_bytes: int = 65536) -> Optional[str]:
-    """The most telling line at the end of a log: the last Error/exception line, else the last line."""
+    """The most telling line at the end of a log: the scheduler's own verdict (time limit,
+    cancellation, OOM) if present, else the last Python exception line, else the last line."""
     if not path.exists():
         return None
     with open(path, "rb") as fh:
         fh.seek(max(0, path.stat().st_size - max_bytes))
         lines = [ln.strip() for ln in fh.read().decode(errors="replace").replace("\r", "\n").splitlines()]
     lines = [ln for ln in lines if ln]
-    for ln in reversed(lines):
-        if re.search(r"(Error|Exception|error:|CANCELLED|DUE TO TIME LIMIT|Killed)", ln):
-            return ln[:300]
-    return lines[-1][:300] if lines else None
+    for pattern in (_SCHEDULER_LINE, _EXCEPTION_LINE):
+        for ln in reversed(lines):
+            if pattern.search(ln):
+                return ln[:400]
+    return lines[-1][:400] if lines else None

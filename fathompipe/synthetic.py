@@ -6,6 +6,7 @@ FathomNet; these images have the dimensions the annotation files declare, so ver
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict
 
@@ -30,9 +31,10 @@ def synthetic_png(width: int, height: int, seed: int, noise: float = 0.0) -> byt
 
 
 def serve_dataset(annotations: str | Path, out_json: str | Path, serve_dir: str | Path, base_url: str,
-                  limit: int | None = None, noise: float = 0.0) -> Dict[str, Any]:
-    """Write a synthetic image per image of `annotations` into `serve_dir`, and a copy of the
-    annotation file whose `coco_url`s point at `base_url` (a FakeFathomNet)."""
+                  limit: int | None = None, noise: float = 0.0, source_dir: str | Path | None = None) -> Dict[str, Any]:
+    """Put an image per image of `annotations` into `serve_dir` (copied from `source_dir` when it has
+    one, else synthetic), and write a copy of the annotation file whose `coco_url`s point at
+    `base_url` (a FakeFathomNet)."""
     raw = json.loads(Path(annotations).read_text())
     if limit is not None:
         keep = {im["id"] for im in raw["images"][:limit]}
@@ -42,7 +44,10 @@ def serve_dataset(annotations: str | Path, out_json: str | Path, serve_dir: str 
     serve_dir.mkdir(parents=True, exist_ok=True)
     for im in raw["images"]:
         target = serve_dir / im["file_name"]
-        if not target.exists():
+        source = Path(source_dir) / im["file_name"] if source_dir else None
+        if source is not None and source.exists():
+            shutil.copyfile(source, target)
+        elif not target.exists():
             target.write_bytes(synthetic_png(im["width"], im["height"], im["id"], noise))
         im["coco_url"] = base_url + im["file_name"]
     Path(out_json).write_text(json.dumps(raw))

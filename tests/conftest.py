@@ -52,12 +52,13 @@ def fake_fathomnet(tmp_path: Path):
 
     threads = []
 
-    def start(annotations: Path, faults: Faults = Faults(), limit: int | None = None, name: str = "srv"):
-        server = FakeFathomNet(tmp_path / name, faults)
+    def start(annotations: Path, faults: Faults = Faults(), limit: int | None = None, name: str = "srv",
+              server_class: type = FakeFathomNet, source_dir: Path | None = None):
+        server = server_class(tmp_path / name, faults)
         thread = ServerThread(server).__enter__()
         threads.append(thread)
         out = tmp_path / f"{name}.json"
-        serve_dataset(annotations, out, tmp_path / name, thread.base_url, limit=limit)
+        serve_dataset(annotations, out, tmp_path / name, thread.base_url, limit=limit, source_dir=source_dir)
         return server, out
 
     yield start

@@ -1,0 +1,68 @@
+"""The driver on the real Slurm: submit, a shard fails, status says so, resubmit, everything done."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import PARITY
+from fathompipe.fakeserver import FakeFathomNet, Faults
+from pipeline_helpers import EXPECTED_SUBMISSION, cli, settled, squeue_jobs, status_json, wait_status, write_profile
+
+
+class Flaky(FakeFathomNet):
+    """Answers 503 for some files while `broken` holds them."""
+
+    broken: set = set()
+
+    def _draw(self, name: str, attempt: int):
+        return "http_503" if name in self.broken else super()._draw(name, attempt)
+
+
+def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(retry_after_s=0), server_class=Flaky,
+                                 source_dir=PARITY / "images")
+    # image ids sort 1..12 and shards deal round-robin: image 2 is in shard 1
+    victim = json.loads(ann.read_text())["images"][1]["file_name"]
+    Flaky.broken = {victim}
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir = tmp_path / "run"
+
+    proc = cli("submit", "--profile", str(profile))
+    assert proc.returncode == 0, proc.stderr
+    assert "download: submitted 3 task(s)" in proc.stdout and "infer: submitted 1 task(s)" in proc.stdout
+    assert "after afterok:" in proc.stdout
+
+    stages = wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] == 1)
+    assert stages["download"]["done"] == 2 and stages["checkpoint"]["done"] == 1
+    assert stages["infer"]["done"] == 0 and stages["infer"]["failed"] == 1  # cancelled: dependency never met
+    failure = stages["download"]["failures"][0]
+    assert failure["task"] == "test/1" and failure["log"].endswith("_1_0_log.err")
+    assert failure["last_line"].startswith("fathompipe.stages.StageFailed: shard test-00001-of-00003: INCOMPLETE")
+    assert squeue_jobs(f"fp-run-") == []  # nothing left waiting forever
+    text = cli("status", "--run-dir", str(run_dir))
+    assert text.returncode == 1 and f"python -m fathompipe.resubmit --run-dir {run_dir}" in text.stdout
+
+    markers = {p: p.stat().st_mtime_ns for p in (run_dir / "download").glob("*.done")}
+    slim_meta = parity_copy.with_name("model.inference.json")
+    slim_mtime = slim_meta.stat().st_mtime_ns
+
+    Flaky.broken = set()
+    proc = cli("resubmit", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "download: submitted 1 task(s)" in proc.stdout and "checkpoint: nothing to do" in proc.stdout
+    stages = wait_status(run_dir, lambda s: settled(s))
+    assert all(s["done"] == s["tasks"] for s in stages.values()), stages
+    assert status_json(run_dir)["next"] == "all stages complete"
+
+    predictions = run_dir / "infer" / "test" / "predictions.csv"
+    assert predictions.read_text() == EXPECTED_SUBMISSION.read_text()
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # finished shards did not run again
+    assert slim_meta.stat().st_mtime_ns == slim_mtime
+    state = json.loads((run_dir / "run.json").read_text())
+    resub = state["stages"]["download"]["submissions"][-1]
+    assert resub["reason"] == "resubmit" and list(resub["tasks"]) == ["test/1"]
+    assert [h["action"] for h in state["history"]] == ["submit", "resubmit"]
+
+    again = cli("submit", "--profile", str(profile))
+    assert again.returncode == 0 and "resuming" in again.stdout
+    assert "download: nothing to do" in again.stdout and "infer: nothing to do" in again.stdout
