@@ -33,9 +33,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from fathompipe.model import FathomNetClassifier, ModelSpec, to_checkpoint_name  # noqa: E402
 from fathompipe.preprocess import MEAN, RESCALE, STD, crop_image, normalization_lut, normalize_uint8  # noqa: E402
+from reference_recipe import reference_roi  # noqa: E402
 
 SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
 LABELS = SHARED / "data/fathomnet2025/train_annotation_labels.csv"
@@ -115,27 +117,6 @@ def make_split(folder: Path, n_images: int) -> Path:
     return path
 
 
-def reference_roi(path: Path, bbox: List[float]) -> List[np.ndarray]:
-    """The reference recipe for one ROI, as C1's dataset does it (shared notes, part A)."""
-    image = Image.open(path)
-    if image.mode == "L":
-        image = image.convert("RGB")
-    W, H = image.size
-    x, y, w, h = bbox
-    cx, cy = int(x + w // 2), int(y + h // 2)
-    arr = np.array(image)
-    crops = []
-    for s in (3, 5, -1):
-        half = max(H, W) if s == -1 else (max(w, h) // 2) * s
-        y1, y2 = int(max(cy - half, 0)), int(min(cy + half, H))
-        x1, x2 = int(max(cx - half, 0)), int(min(cx + half, W))
-        crops.append(Image.fromarray(arr[y1:y2, x1:x2, :]))
-    n = max(w, h) // 2
-    obj = Image.fromarray(arr[max(int(cy - n - 1), 0):min(int(cy + n + 1), H),
-                              max(int(cx - n - 1), 0):min(int(cx + n + 1), W), :])
-    return [processor()(im.resize((256, 256)), return_tensors="np")["pixel_values"][0] for im in [obj] + crops]
-
-
 _PROCESSOR = None
 
 
@@ -152,6 +133,10 @@ def processor():
                           do_rescale=True, rescale_factor=RESCALE, do_normalize=True, image_mean=list(MEAN),
                           image_std=list(STD), do_convert_rgb=True)
     return _PROCESSOR
+
+
+def transformers_processor(im: Image.Image) -> np.ndarray:
+    return processor()(im, return_tensors="np")["pixel_values"][0]
 
 
 def bench_preprocess(folder: Path, ann_path: Path, n_images: int) -> None:
@@ -175,7 +160,8 @@ def bench_preprocess(folder: Path, ann_path: Path, n_images: int) -> None:
                 normalize_uint8(torch.from_numpy(c.env[s]), lut)
 
     def reference() -> list:
-        return [reference_roi(folder / im["file_name"], bbox) for im in images for bbox in by_image[im["id"]]]
+        return [reference_roi(folder / im["file_name"], bbox, transformers_processor)
+                for im in images for bbox in by_image[im["id"]]]
 
     # best of 3, interleaved, so a busy moment on the machine does not decide the ratio
     t_worker, t_norm, t_ref = [], [], []

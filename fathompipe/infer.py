@@ -310,6 +310,9 @@ def _csv_field(value: str) -> str:
 def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> SlimFiles:
     """Accept the Lightning .ckpt (slim files made or reused beside it) or the slim .safetensors."""
     path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: run the checkpoint stage first "
+                              f"(python -m fathompipe.checkpoint --checkpoint {path})")
     if path.suffix == ".safetensors":
         return SlimFiles(path, path.with_suffix(".json"))
     return export_slim(path, encoder_config)

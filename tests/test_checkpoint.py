@@ -1,0 +1,105 @@
+"""Safe loading of the Lightning checkpoint and the slim inference export."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import PARITY
+from fathompipe.checkpoint import (CheckpointError, SlimFiles, export_slim, load_lightning_checkpoint, load_model,
+                                   slim_is_current)
+from fathompipe.model import CheckpointMismatch
+
+ENCODER = PARITY / "tiny_dinov2_config.json"
+
+
+class Payload:
+    """Unpickling this would create a file: proof of code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_forbidden_global_is_refused_and_nothing_runs(tmp_path):
+    ckpt = load_lightning_checkpoint(PARITY / "model.ckpt")
+    marker = tmp_path / "pwned"
+    ckpt["callbacks"] = {"evil": Payload(str(marker))}
+    path = tmp_path / "evil.ckpt"
+    torch.save(dict(ckpt), path)
+    with pytest.raises(CheckpointError) as exc:
+        export_slim(path, ENCODER)
+    assert "allowlist" in str(exc.value) and "open" in str(exc.value) and "Nothing from it was executed" in str(exc.value)
+    assert not marker.exists()
+    assert not SlimFiles.beside(path).meta.exists()
+
+
+def test_missing_key_is_refused_naming_it(tmp_path):
+    ckpt = dict(load_lightning_checkpoint(PARITY / "model.ckpt"))
+    sd = dict(ckpt["state_dict"])
+    del sd["intra_env_attn_module.256_5.layers.2.norm1.bias"]
+    sd["classifier.extra.weight"] = torch.zeros(1)
+    ckpt["state_dict"] = sd
+    path = tmp_path / "broken.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointMismatch) as exc:
+        export_slim(path, ENCODER)
+    msg = str(exc.value)
+    assert "1 missing: intra_env_attn_module.256_5.layers.2.norm1.bias" in msg
+    assert "1 unexpected: classifier.extra.weight" in msg
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes((PARITY / "model.ckpt").read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*Delete it and rerun"):
+        export_slim(path, ENCODER)
+
+
+def test_slim_export_is_reused_until_the_source_changes(parity_copy, capsys):
+    slim = export_slim(parity_copy, ENCODER)
+    first = slim.weights.stat().st_mtime_ns
+    assert slim_is_current(parity_copy, ENCODER)
+    export_slim(parity_copy, ENCODER)
+    assert slim.weights.stat().st_mtime_ns == first and "up to date" in capsys.readouterr().out
+    assert not slim_is_current(parity_copy, None)  # other head count: another model
+    os.utime(parity_copy, ns=(first + 10**9, first + 10**9))
+    assert not slim_is_current(parity_copy, ENCODER)
+    export_slim(parity_copy, ENCODER)
+    assert slim.weights.stat().st_mtime_ns != first
+
+
+def test_slim_model_has_only_inference_weights_and_loads_strictly(parity_copy):
+    slim = export_slim(parity_copy, ENCODER)
+    model, spec = load_model(slim)
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.scales) == (32, 2, 4, [3, 5, -1])
+    assert len(spec.class_names) == 79 and spec.class_names[12] == "Brisingida"
+    from safetensors import safe_open
+    with safe_open(str(slim.weights), "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith(("hierarchical", "obj_proj_module")) for k in keys)
+    assert len(keys) == 402  # 456 minus 18 object projections and 36 hierarchical heads
+
+
+def test_missing_checkpoint_is_downloaded_from_a_mirror_url(tmp_path):
+    """gdown against a real loopback HTTP server (Google Drive is not reachable here)."""
+    from aiohttp import web
+    from fathompipe.checkpoint import prepare
+    from fathompipe.fakeserver import ServerThread
+
+    body = (PARITY / "model.ckpt").read_bytes()
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    class Mirror:
+        def __init__(self):
+            self.app = web.Application()
+            self.app.router.add_get("/images/{name}", handle)
+
+    with ServerThread(Mirror()) as st:
+        target = tmp_path / "dl" / "last-002.ckpt"
+        slim = prepare(target, url=st.base_url + "last-002.ckpt", encoder_config=ENCODER)
+    assert target.read_bytes() == body and slim.meta.exists()

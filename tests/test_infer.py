@@ -1,0 +1,111 @@
+"""The inference stage: parity with the winner's logits, batching, missing images, resume."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PARITY, ROOT
+from fathompipe.infer import OutputFiles, run
+
+PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
+EXPECTED_LOGITS = np.load(PARITY / ("expected_logits_pillow13.npy" if PILLOW13 else "expected_logits.npy"))
+EXPECTED_CSV = (PARITY / ("expected_submission_pillow13.csv" if PILLOW13 else "expected_submission.csv")).read_text()
+ENCODER = str(PARITY / "tiny_dinov2_config.json")
+ANN_IDS = [a["id"] for a in json.loads((PARITY / "dataset.json").read_text())["annotations"]]
+
+
+def logits_by_annotation(parquet: Path) -> np.ndarray:
+    table = pq.read_table(parquet).to_pandas().set_index("annotation_id")
+    return np.stack(table.loc[ANN_IDS]["logits"].to_numpy())
+
+
+def infer(parity_copy: Path, out: Path, images: Path = PARITY / "images", **kw) -> dict:
+    return run(parity_copy, PARITY / "dataset.json", images, out, device="cpu", precision="fp32",
+               encoder_config=ENCODER, progress=False, **{"num_workers": 0, "batch_size": 2, **kw})
+
+
+def test_fp32_cpu_matches_the_winners_logits(parity_copy, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert infer(parity_copy, out) == {"predicted": 30, "skipped": 0}
+    logits = logits_by_annotation(out.with_suffix(".parquet"))
+    assert np.abs(logits - EXPECTED_LOGITS).max() < 1e-4
+    assert (logits.argmax(1) == EXPECTED_LOGITS.argmax(1)).all()
+    assert out.read_text() == EXPECTED_CSV
+    table = pq.read_table(out.with_suffix(".parquet")).to_pandas()
+    assert list(table.columns) == ["annotation_id", "image_id", "split", "concept_name", "confidence",
+                                   "top5_names", "top5_scores", "logits", "label", "note"]
+    row = table.iloc[0]
+    assert row.top5_names[0] == row.concept_name and abs(row.top5_scores[0] - row.confidence) < 1e-7
+    assert len(row.logits) == 79 and table.annotation_id.is_monotonic_increasing
+
+
+@pytest.mark.parametrize("batch_size, workers", [(1, 0), (7, 2), (64, 1)])
+def test_any_batch_size_gives_the_same_result(parity_copy, tmp_path, batch_size, workers):
+    out = tmp_path / "pred.csv"
+    infer(parity_copy, out, batch_size=batch_size, num_workers=workers)
+    assert out.read_text() == EXPECTED_CSV
+    assert np.abs(logits_by_annotation(out.with_suffix(".parquet")) - EXPECTED_LOGITS).max() < 1e-4
+
+
+def test_missing_and_unreadable_images_are_skipped_and_listed(parity_copy, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(PARITY / "images", images)
+    data = json.loads((PARITY / "dataset.json").read_text())
+    gone, broken = data["images"][0], data["images"][3]
+    (images / gone["file_name"]).unlink()
+    (images / broken["file_name"]).write_bytes(b"not an image")
+    out = tmp_path / "pred.csv"
+    result = infer(parity_copy, out, images=images)
+    lost = {a["id"] for a in data["annotations"] if a["image_id"] in (gone["id"], broken["id"])}
+    assert result == {"predicted": 30 - len(lost), "skipped": len(lost)}
+    skipped = OutputFiles(out).skipped.read_text().splitlines()
+    assert skipped[0] == "annotation_id,image_id,reason" and len(skipped) == 1 + len(lost)
+    assert any("image missing" in s for s in skipped) and any("image unreadable" in s for s in skipped)
+    expected = dict(line.split(",", 1) for line in EXPECTED_CSV.splitlines()[1:])
+    for line in out.read_text().splitlines()[1:]:
+        ann_id, name = line.split(",", 1)
+        assert int(ann_id) not in lost and expected[ann_id] == name
+
+
+def test_resume_after_interruption_equals_one_uninterrupted_run(parity_copy, tmp_path):
+    whole = tmp_path / "whole" / "pred.csv"
+    infer(parity_copy, whole, batch_size=1)
+    out = tmp_path / "resumed" / "pred.csv"
+    cmd = [sys.executable, "-m", "fathompipe.infer", "--checkpoint", str(parity_copy), "--annotations",
+           str(PARITY / "dataset.json"), "--images-dir", str(PARITY / "images"), "--output", str(out),
+           "--device", "cpu", "--precision", "fp32", "--batch-size", "1", "--num-workers", "0",
+           "--encoder-config", ENCODER]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = OutputFiles(out).parts
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.npz"))) < 6:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # as hard as a node failure: nothing gets to clean up
+    proc.wait(30)
+    done_before = {p: p.stat().st_mtime_ns for p in parts.glob("*.npz")}
+    assert 6 <= len(done_before) < 30 and not out.exists()
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done_before)} already done" in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # finished batches not redone
+    assert out.read_text() == whole.read_text()
+    assert np.array_equal(logits_by_annotation(out.with_suffix(".parquet")),
+                          logits_by_annotation(whole.with_suffix(".parquet")))
+
+
+def test_cli_errors_are_one_line(parity_copy, tmp_path, run_cli):
+    proc = run_cli("fathompipe.infer", "--checkpoint", str(tmp_path / "nope.ckpt"), "--annotations",
+                   str(PARITY / "dataset.json"), "--images-dir", str(PARITY / "images"), "--output",
+                   str(tmp_path / "p.csv"), "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "nope.ckpt does not exist: run the checkpoint stage first" in proc.stderr
