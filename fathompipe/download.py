@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import BinaryIO, Dict, List, Optional
 
 import aiohttp
 from PIL import Image as PILImage
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import atomic
 from .annotations import Image, load_coco, shard_images
 from .config import DownloadConfig
+from .pngcheck import PngStream
 
 PERMANENT_MISSING = {401, 403, 404, 410}
 CHUNK = 1 << 20
@@ -167,6 +168,13 @@ def retry_after_seconds(value: Optional[str]) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _consume(h: "hashlib._Hash", png: PngStream, fh: BinaryIO, chunk: bytes) -> None:
+    """Hash, check and write one piece of a body (on a worker thread)."""
+    h.update(chunk)
+    png.feed(chunk)
+    fh.write(chunk)
+
+
 class TransientError(Exception):
     def __init__(self, message: str, retry_after: Optional[float] = None):
         super().__init__(message)
@@ -181,12 +189,13 @@ class Downloader:
         self.options = options
         self.files = files
         self.progress = progress
-        self.verify_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        # hashing, writing and verifying release the GIL: off the event loop, they overlap the network
+        self.pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)))
         self.records_fh = None
 
     def _record(self, rec: ImageRecord, summary: ShardSummary, bar: tqdm) -> None:
         assert self.records_fh is not None
-        self.records_fh.write(json.dumps(asdict(rec)) + "\n")
+        self.records_fh.write(json.dumps(vars(rec)) + "\n")
         self.records_fh.flush()
         if rec.status == "ok":
             summary.ok += 1
@@ -207,16 +216,16 @@ class Downloader:
                 and previous.mtime_ns == st.st_mtime_ns):
             return ImageRecord(image.id, str(path), "ok", st.st_size, previous.sha256, 0, "", "recorded", st.st_mtime_ns)
         loop = asyncio.get_running_loop()
-        error = await loop.run_in_executor(self.verify_pool, verify_image, path, image.width, image.height)
+        error = await loop.run_in_executor(self.pool, verify_image, path, image.width, image.height)
         if error is None:
-            digest = await loop.run_in_executor(self.verify_pool, file_sha256, path)
+            digest = await loop.run_in_executor(self.pool, file_sha256, path)
             return ImageRecord(image.id, str(path), "ok", st.st_size, digest, 0, "", "adopted", st.st_mtime_ns)
         tqdm.write(f"replacing invalid {path}: {error}")
         path.unlink(missing_ok=True)
         return None
 
     async def _fetch_once(self, session: aiohttp.ClientSession, image: Image, path: Path, summary: ShardSummary) -> ImageRecord:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        tmp: Optional[Path] = path.with_name(f".{path.name}.{os.getpid()}.part")
         summary.requests += 1
         try:
             async with session.get(image.coco_url) as resp:
@@ -225,27 +234,32 @@ class Downloader:
                 if resp.status != 200:
                     raise TransientError(f"HTTP {resp.status}", retry_after_seconds(resp.headers.get("Retry-After")))
                 h = hashlib.sha256()
+                png = PngStream()
                 size = 0
+                loop = asyncio.get_running_loop()
                 with open(tmp, "wb") as fh:
                     async for chunk in resp.content.iter_chunked(CHUNK):
-                        fh.write(chunk)
-                        h.update(chunk)
+                        await loop.run_in_executor(self.pool, _consume, h, png, fh, chunk)
                         size += len(chunk)
                 expected = resp.content_length
             if expected is not None and size != expected:
                 raise TransientError(f"short body: {size} of {expected} bytes")
-            loop = asyncio.get_running_loop()
-            error = await loop.run_in_executor(self.verify_pool, verify_image, tmp, image.width, image.height)
+            if png.is_png:  # checked while streaming: no second read
+                error = png.verdict(image.width, image.height)
+            else:  # e.g. a JPEG under a .png name: decode it fully
+                error = await loop.run_in_executor(self.pool, verify_image, tmp, image.width, image.height)
             if error is not None:
                 raise TransientError(error)
             os.replace(tmp, path)
+            tmp = None
             summary.downloaded += 1
             summary.bytes_downloaded += size
             return ImageRecord(image.id, str(path), "ok", size, h.hexdigest(), 0, "", "downloaded", path.stat().st_mtime_ns)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:  # not renamed into place: never leave it behind
+                tmp.unlink(missing_ok=True)
 
     async def _fetch(self, session: aiohttp.ClientSession, image: Image, path: Path, summary: ShardSummary) -> ImageRecord:
         o = self.options
@@ -267,6 +281,11 @@ class Downloader:
     async def run(self, images: List[Image], summary: ShardSummary) -> None:
         o = self.options
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        mine = {image.local_name(o.naming) for image in images}
+        for entry in os.scandir(self.images_dir):  # temporary files a killed run left behind
+            if entry.name.startswith(".") and entry.name.endswith(".part") and \
+                    entry.name[1:].rsplit(".", 2)[0] in mine:
+                os.unlink(entry.path)
         previous = self.files.load_records()
         self.files.state_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
@@ -284,8 +303,6 @@ class Downloader:
                     while not queue.empty():
                         image = queue.get_nowait()
                         path = self.images_dir / image.local_name(o.naming)
-                        for stale in self.images_dir.glob(f".{path.name}.*.part"):
-                            stale.unlink(missing_ok=True)  # left by a killed run
                         rec = await self._check_existing(image, path, previous.get(image.id))
                         if rec is None:
                             rec = await self._fetch(session, image, path, summary)
@@ -336,7 +353,7 @@ def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, 
     except asyncio.CancelledError:
         summary.interrupted = True
     finally:
-        downloader.verify_pool.shutdown(wait=True)
+        downloader.pool.shutdown(wait=True)
         summary.seconds = time.monotonic() - t0
         _compact_records(files)
     if summary.complete:
