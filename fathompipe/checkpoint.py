@@ -18,7 +18,7 @@ import pickle
 import sys
 import time
 import typing
-from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from . import atomic
 from .config import WINNER_GDRIVE_ID
+from .slim import CheckpointError, SlimFiles, fingerprint, load_encoder_overrides, slim_is_current
 from .model import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
 
 # What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
@@ -40,27 +41,6 @@ QUOTA_HELP = (
     "Wait a few hours and rerun, or download it by hand in a browser from "
     "https://drive.google.com/file/d/{id}/view while signed in to Google, copy it to {path} "
     "(e.g. with scp or Globus), and rerun: an existing file is verified, not downloaded again.")
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class SlimFiles:
-    weights: Path
-    meta: Path
-
-    @classmethod
-    def beside(cls, checkpoint: Path) -> "SlimFiles":
-        stem = checkpoint.name.removesuffix(".ckpt")
-        return cls(checkpoint.with_name(f"{stem}.inference.safetensors"), checkpoint.with_name(f"{stem}.inference.json"))
-
-
-def fingerprint(path: Path) -> Dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
 
 def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
     """torch.load with weights_only and the allowlist; memory-mapped (nothing read until used)."""
@@ -75,7 +55,6 @@ def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
                               f"truncated or corrupt. Delete it and rerun to download it again.") from None
 
-
 def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[str, Any]] = None) -> ModelSpec:
     hp = ckpt.get("hyper_parameters")
     if hp is None or "state_dict" not in ckpt:
@@ -86,37 +65,11 @@ def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[
     scales = [int(s) for s in hp.get("env_img_crop_scale_list", [3, 5, -1])]
     return ModelSpec.infer(ckpt["state_dict"], names, crop, scales, encoder_overrides)
 
-
 def check_fits(spec: ModelSpec, state_dict: Dict[str, torch.Tensor]) -> None:
     """Strict key and shape check against the architecture, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = FathomNetClassifier(spec)
     check_keys(model.checkpoint_shapes(), state_dict)
-
-
-def load_encoder_overrides(path: Optional[str | Path]) -> Dict[str, Any]:
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"--encoder-config {path}: {exc}") from None
-    keep = ("num_attention_heads", "layer_norm_eps", "hidden_act", "layerscale_value", "qkv_bias", "use_swiglu_ffn")
-    return {k: data[k] for k in keep if k in data}
-
-
-def slim_is_current(checkpoint: Path, encoder_config: Optional[str | Path] = None) -> bool:
-    """True when the slim files exist and were exported from this very file with these settings."""
-    slim = SlimFiles.beside(checkpoint)
-    if not (checkpoint.exists() and slim.meta.exists() and slim.weights.exists()):
-        return False
-    try:
-        meta = json.loads(slim.meta.read_text())
-    except ValueError:
-        return False
-    return meta.get("source") == fingerprint(checkpoint) and \
-        meta.get("encoder_config") == load_encoder_overrides(encoder_config)
-
 
 def export_slim(checkpoint: Path, encoder_config: Optional[str | Path] = None, force: bool = False) -> SlimFiles:
     """Verify `checkpoint` and write (or reuse) its slim inference files."""
@@ -143,7 +96,6 @@ def export_slim(checkpoint: Path, encoder_config: Optional[str | Path] = None, f
           f"exported {len(weights)} inference tensors to {slim.weights} in {time.monotonic() - t0:.1f}s")
     return slim
 
-
 def load_model(slim: SlimFiles, device: torch.device | str = "cpu") -> Tuple[FathomNetClassifier, ModelSpec]:
     """Build the model from the slim files: seconds, whatever the original checkpoint's size."""
     meta = json.loads(slim.meta.read_text())
@@ -153,7 +105,6 @@ def load_model(slim: SlimFiles, device: torch.device | str = "cpu") -> Tuple[Fat
     state = load_file(str(slim.weights), device=str(device))
     model.load_weights(state, assign=True)
     return model.eval(), spec
-
 
 def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None) -> None:
     """Fetch the checkpoint with gdown, resuming a partial download."""
@@ -173,7 +124,6 @@ def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[
     if result is None or not checkpoint.exists():
         raise CheckpointError(f"download of {checkpoint} did not complete; rerun to resume it")
 
-
 def prepare(checkpoint: str | Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None,
             encoder_config: Optional[str | Path] = None) -> SlimFiles:
     """The stage: download if absent, verify, export slim files. Idempotent."""
@@ -181,7 +131,6 @@ def prepare(checkpoint: str | Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Opti
     if not checkpoint.exists():
         download(checkpoint, gdrive_id, url)
     return export_slim(checkpoint, encoder_config)
-
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.checkpoint", description=__doc__.split("\n\n")[0])
@@ -197,7 +146,6 @@ def main(argv: List[str] | None = None) -> int:
         return 1
     print(f"slim weights: {slim.weights}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,8 @@ from . import atomic
 from .annotations import Annotation, CocoDataset, Image, load_coco, shard_images
 from .checkpoint import CheckpointError, SlimFiles, export_slim, load_model
 from .model import CheckpointMismatch, FathomNetClassifier
-from .preprocess import SCALES, crop_image, normalization_lut, normalize_uint8
+from .outputs import OutputFiles
+from .preprocess import crop_image, normalization_lut, normalize_uint8
 
 log = logging.getLogger("fathompipe.infer")
 TOPK = 5
@@ -164,29 +165,6 @@ class Predictor:
             logits = self.model(prep("obj"), [prep("env3"), prep("env5"), prep("whole")],
                                 [None, None, whole_index.to(self.device, non_blocking=True)])
         return logits.float().reshape(-1, logits.shape[-1]).cpu()
-
-
-@dataclass(frozen=True)
-class OutputFiles:
-    csv: Path
-
-    @property
-    def parquet(self) -> Path:
-        return self.csv.with_suffix(".parquet")
-
-    @property
-    def skipped(self) -> Path:
-        return self.csv.with_name(self.csv.stem + ".skipped.csv")
-
-    @property
-    def parts(self) -> Path:
-        return self.csv.with_name(self.csv.stem + ".parts")
-
-    def part(self, shard: int, index: int) -> Path:
-        return self.parts / f"shard{shard:03d}-batch{index:06d}.npz"
-
-    def shard_marker(self, shard: int, num_shards: int) -> Path:
-        return self.parts / f"shard{shard:03d}-of-{num_shards:03d}.done"
 
 
 def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor) -> None:

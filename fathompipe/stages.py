@@ -14,7 +14,9 @@ import submitit
 
 from .config import PipelineConfig, Resources
 from .download import DownloadOptions, ShardFiles, download_shard
+from .outputs import OutputFiles
 from .paths import RunPaths
+from .slim import slim_is_current
 
 
 class Task(Protocol):
@@ -86,7 +88,6 @@ class CheckpointTask:
     key: str = "checkpoint"
 
     def done(self) -> bool:
-        from .checkpoint import slim_is_current
         return slim_is_current(Path(self.path), self.encoder_config)
 
     def progress(self) -> Dict[str, int]:
@@ -120,12 +121,10 @@ class InferTask(submitit.helpers.Checkpointable):
         return f"{self.split}/{self.shard}"
 
     def done(self) -> bool:
-        from .infer import OutputFiles
         out = OutputFiles(Path(self.output))
         return out.shard_marker(self.shard, self.num_shards).exists() and out.csv.exists()
 
     def progress(self) -> Dict[str, int]:
-        from .infer import OutputFiles
         return {"batches": len(list(OutputFiles(Path(self.output)).parts.glob(f"shard{self.shard:03d}-batch*.npz")))}
 
     def __call__(self) -> object:

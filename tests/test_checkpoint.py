@@ -1,6 +1,5 @@
 """Safe loading of the Lightning checkpoint and the slim inference export."""
 import os
-import shutil
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from conftest import PARITY
 from fathompipe.fakeserver import FakeFathomNet, Faults
@@ -38,7 +37,7 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     failure = stages["download"]["failures"][0]
     assert failure["task"] == "test/1" and failure["log"].endswith("_1_0_log.err")
     assert failure["last_line"].startswith("fathompipe.stages.StageFailed: shard test-00001-of-00003: INCOMPLETE")
-    assert squeue_jobs(f"fp-run-") == []  # nothing left waiting forever
+    assert squeue_jobs("fp-run-") == []  # nothing left waiting forever
     text = cli("status", "--run-dir", str(run_dir))
     assert text.returncode == 1 and f"python -m fathompipe.resubmit --run-dir {run_dir}" in text.stdout
 

@@ -1,7 +1,6 @@
 """Preprocessing equals the reference recipe, image mode by image mode and box by box."""
 from __future__ import annotations
 
-import io
 import struct
 import sys
 import zlib
