@@ -90,6 +90,17 @@ class InferConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # first: the `field` attribute below shadows dataclasses.field in this class body
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=60))
+    fiftyone: bool = True
+    dataset: str = "fathomnet-2025"
+    field: str = "model_predictions"  # the predictions field on each sample
+    eval_key: str = "eval_model"
+    database_uri: Optional[str] = None  # an external MongoDB; default: FiftyOne's bundled database
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/default"
     cluster: str = "local"
@@ -97,6 +108,7 @@ class PipelineConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def expand_path(value: str, key: str, source: str) -> str:
@@ -194,7 +206,14 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     _check(i.shards >= 1, source, "infer.shards", i.shards, "must be at least 1")
     if i.encoder_config:
         _check(Path(i.encoder_config).is_file(), source, "infer.encoder_config", i.encoder_config, "file does not exist")
-    for stage in ("download", "checkpoint", "infer"):
+    e = cfg.evaluate
+    _check(bool(re.fullmatch(r"[A-Za-z0-9_]+", e.eval_key)), source, "evaluate.eval_key", e.eval_key,
+           "letters, digits and _ only (FiftyOne stores it as a field name)")
+    _check(bool(e.dataset.strip()), source, "evaluate.dataset", e.dataset, "must not be empty")
+    if e.database_uri:
+        _check(e.database_uri.startswith(("mongodb://", "mongodb+srv://")), source, "evaluate.database_uri",
+               redact({"uri": e.database_uri})["uri"], "must start with mongodb:// or mongodb+srv://")
+    for stage in ("download", "checkpoint", "infer", "evaluate"):
         r: Resources = getattr(cfg, stage).resources
         prefix = f"{stage}.resources"
         _check(r.cpus_per_task >= 1, source, f"{prefix}.cpus_per_task", r.cpus_per_task, "must be at least 1")

@@ -156,6 +156,48 @@ def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 
 
 @dataclass(frozen=True)
+class EvaluateTask:
+    split: str
+    annotations: str
+    predictions: str
+    report_dir: str
+    images_dir: str
+    naming: str
+    fiftyone: bool
+    dataset: str
+    field: str
+    eval_key: str
+    database_uri: Optional[str]
+
+    @property
+    def key(self) -> str:
+        return self.split
+
+    def done(self) -> bool:
+        return (Path(self.report_dir) / "evaluate.done").exists()
+
+    def progress(self) -> Dict[str, int]:
+        return {"reports": int(self.done())}
+
+    def __call__(self) -> object:
+        from .evaluate import run
+        return run(self.annotations, self.predictions, self.report_dir, self.split, self.images_dir, self.naming,
+                   self.fiftyone, self.dataset, self.field, self.eval_key, self.database_uri)
+
+
+def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
+    e = cfg.evaluate
+    tasks: List[Task] = []
+    for split in cfg.data.splits:
+        data = getattr(cfg.data, split)
+        predictions = predictions_path(paths, split).with_suffix(".parquet")
+        tasks.append(EvaluateTask(split, data.annotations, str(predictions), str(paths.state("evaluate") / split),
+                                  data.images_dir, cfg.download.naming, e.fiftyone, e.dataset, e.field, e.eval_key,
+                                  e.database_uri))
+    return tasks
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     after: Tuple[str, ...]
@@ -168,6 +210,7 @@ STAGES: List[Stage] = [
     Stage("download", (), lambda c: c.download.resources, download_tasks, "images"),
     Stage("checkpoint", (), lambda c: c.checkpoint.resources, checkpoint_tasks, "slim weights"),
     Stage("infer", ("download", "checkpoint"), lambda c: c.infer.resources, infer_tasks, "batches"),
+    Stage("evaluate", ("infer",), lambda c: c.evaluate.resources, evaluate_tasks, "reports"),
 ]
 
 

