@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=100)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
-    run_dir = work / "run"
+    run_dir = work / "status-bench"
     overrides = [f"run_dir={run_dir}", "cluster=slurm", f"download.num_shards={args.shards}",
                  f"data.test.annotations={SHARED / 'data/fathomnet2025/dataset_test.json'}",
                  f"data.test.images_dir={work / 'images'}", f"checkpoint.path={work / 'none.ckpt'}",
@@ -35,6 +35,14 @@ def main() -> None:
     proc = subprocess.run([sys.executable, "-m", "fathompipe.submit", *overrides], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+    try:
+        measure(run_dir, work, args.shards)
+    finally:
+        state = json.loads((run_dir / "run.json").read_text())
+        subprocess.run(["scancel", *{s["job_id"] for st in state["stages"].values() for s in st["submissions"]}])
+
+
+def measure(run_dir: Path, work: Path, shards: int) -> None:
     shim = work / "bin"
     shim.mkdir()
     real = shutil.which("sacct")
@@ -49,9 +57,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     calls = len((work / "sacct.calls").read_text().splitlines()) // 3
     stages = {s["stage"]: s for s in json.loads(out.stdout)["stages"]}
-    state = json.loads((run_dir / "run.json").read_text())
-    subprocess.run(["scancel", *{s["job_id"] for st in state["stages"].values() for s in st["submissions"]}])
-    print(f"\n## bench/status.py: a queued run of {args.shards} download shards\n")
+    print(f"\n## bench/status.py: a queued run of {shards} download shards\n")
     print("| measure | value |\n|---|---|")
     print(f"| status wall time (whole process, best of 3) | {min(times):.2f} s |")
     print(f"| sacct calls per status | {calls} |")

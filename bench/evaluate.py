@@ -1,0 +1,96 @@
+"""Evaluate benchmark: importing 23,699 predictions into an 8,980-sample FiftyOne dataset.
+
+    python bench/evaluate.py
+
+fathompipe's bulk import (one `values` read, one `set_values` write) against the per-sample
+`sample.save()` loop users run today, on a private mongod; then the whole evaluate stage (report
+and FiftyOne import and evaluation). Data: the real train split's ids and labels
+(shared/data/fathomnet2025/train_annotation_labels.csv) with synthetic boxes and predictions.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data" / "fathomnet2025"
+
+
+def main() -> None:
+    from fathompipe.mongod import PrivateMongod
+    mongod = PrivateMongod()
+    os.environ["FIFTYONE_DATABASE_URI"] = mongod.uri
+    os.environ["FIFTYONE_DATABASE_NAME"] = "fathompipe-bench"
+    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
+    try:
+        run(Path(tempfile.mkdtemp()))
+    finally:
+        mongod.stop()
+
+
+def run(work: Path) -> None:
+    import fiftyone as fo
+    from fathompipe import fiftyone_io
+    from fathompipe.annotations import load_coco
+    from fathompipe.evaluate import run as evaluate_stage
+    from fathompipe.synthetic import train_like_coco
+
+    ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", work / "train.json")
+    coco = load_coco(ann)
+    rng = np.random.default_rng(0)
+    names = coco.class_names()
+    preds = pd.DataFrame({"annotation_id": [a.id for a in coco.annotations],
+                          "concept_name": [coco.categories[a.category_id] if rng.random() < 0.7 else
+                                           names[rng.integers(79)] for a in coco.annotations],
+                          "confidence": rng.uniform(0.05, 1, len(coco.annotations))})
+    preds.to_parquet(work / "predictions.parquet")
+    indexed = preds.set_index("annotation_id")
+    rows = []
+
+    t0 = time.perf_counter()
+    ds = fiftyone_io.ingest("bench-bulk", coco, "/data/train", "train", "file_name")
+    rows.append(("ingest 8,980 images / 23,699 boxes (add_samples)", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    n = fiftyone_io.import_predictions(ds, indexed, "model_predictions", labelled=True)
+    bulk = time.perf_counter() - t0
+    rows.append((f"fathompipe bulk import of {n} predictions", bulk))
+    t0 = time.perf_counter()
+    fiftyone_io.import_predictions(ds, indexed, "model_predictions", labelled=True)
+    rows.append(("fathompipe re-import (replaces the field)", time.perf_counter() - t0))
+    assert ds.count("model_predictions.detections") == n
+
+    clone = ds.clone("bench-loop")
+    t0 = time.perf_counter()
+    for sample in clone.iter_samples(progress=False):  # what users run today
+        dets = []
+        for gt in sample.ground_truth.detections:
+            row = indexed.loc[gt.annotation_id]
+            dets.append(fo.Detection(label=row.concept_name, bounding_box=gt.bounding_box,
+                                     confidence=float(row.confidence), annotation_id=gt.annotation_id))
+        sample["loop_predictions"] = fo.Detections(detections=dets)
+        sample.save()
+    loop = time.perf_counter() - t0
+    rows.append(("per-sample sample.save() loop", loop))
+
+    t0 = time.perf_counter()
+    evaluate_stage(ann, work / "predictions.parquet", work / "report", split="train", dataset_name="bench-stage")
+    rows.append(("whole evaluate stage (report + ingest + import + evaluate_detections + saved view)",
+                 time.perf_counter() - t0))
+
+    print(f"\n## bench/evaluate.py: {len(coco.images)} samples, {n} predictions, {os.cpu_count()} cores\n")
+    print("| step | seconds |\n|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.1f} |")
+    print(f"\nbulk import is {loop / bulk:.1f}x faster than the per-sample loop")
+
+
+if __name__ == "__main__":
+    main()
