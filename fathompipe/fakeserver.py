@@ -41,7 +41,8 @@ class Faults:
     @classmethod
     def realistic(cls, **kw: float) -> "Faults":
         """The mix issue 2 names: 10% 503, 5% 429, 5% drops, 5% short, 3% corrupt, 2% 404."""
-        return cls(http_503=0.10, http_429=0.05, drop=0.05, short=0.05, corrupt=0.03, missing=0.02, **kw)
+        mix = dict(http_503=0.10, http_429=0.05, drop=0.05, short=0.05, corrupt=0.03, missing=0.02)
+        return cls(**{**mix, **kw})
 
 
 class FakeFathomNet:

@@ -97,7 +97,8 @@ def query_states(job_ids: Iterable[str]) -> Dict[str, str]:
 
     Tasks that are neither in sacct nor (fallback) queued come back absent.
     """
-    ids = _array_ids(job_ids)
+    wanted = list(job_ids)
+    ids = _array_ids(wanted)
     if not ids:
         return {}
     states: Dict[str, str] = {}
@@ -111,6 +112,10 @@ def query_states(job_ids: Iterable[str]) -> Dict[str, str]:
                 jid, state = line.split("|", 1)
                 for one in expand_job_id(jid.strip()):
                     states[one] = state.split()[0] if state.strip() else "UNKNOWN"
+            for job in wanted:  # an array cancelled before any task started is one record: "123"
+                base = job.split("_")[0]
+                if job not in states and base in states:
+                    states[job] = states[base]
             return states
     if shutil.which("squeue"):
         proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T"],

@@ -71,3 +71,25 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     again = cli("submit", "--profile", str(profile))
     assert again.returncode == 0 and "resuming" in again.stdout
     assert "download: nothing to do" in again.stdout and "infer: nothing to do" in again.stdout
+
+
+def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy):
+    # a slow server: the downloads are still running when the user cancels
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(latency_s=2.0), source_dir=PARITY / "images")
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir = tmp_path / "run"
+    proc = cli("submit", "--profile", str(profile), "download.concurrency=1")
+    assert proc.returncode == 0, proc.stderr
+    wait_status(run_dir, lambda s: s["download"]["running"] >= 1, timeout=60)
+    cancel = cli("cancel", "--run-dir", str(run_dir))
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout and "resubmit" in cancel.stdout
+    stages = wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] >= 1, timeout=120)
+    assert "CANCELLED" in {f["state"] for s in stages.values() for f in s["failures"]}
+    assert stages["infer"]["done"] == 0 and "fathompipe.resubmit" in status_json(run_dir)["next"]
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["history"][-1]["action"] == "cancel"
+    proc = cli("resubmit", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    stages = wait_status(run_dir, settled)
+    assert all(s["done"] == s["tasks"] for s in stages.values()), stages
+    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()

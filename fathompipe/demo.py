@@ -1,0 +1,69 @@
+"""The offline demo: the full pipeline on one machine, no internet, in a few minutes.
+
+    python -m fathompipe.demo [--run-dir runs/demo] [--faults]
+
+Serves the shipped demo images (demo/) on loopback in FathomNet's place, uses the parity fixture's
+tiny checkpoint in place of the 16 GB one, runs download, checkpoint, infer and evaluate through
+submitit's local executor with FiftyOne's bundled database (jobs/demo.yaml), and ends with the
+report's path, the headline numbers and how to open the FiftyOne App. Rerunning resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import List
+
+from .fakeserver import FakeFathomNet, Faults, ServerThread
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo"
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fathompipe.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "demo"))
+    parser.add_argument("--faults", action="store_true", help="the server also answers 503s, 429s, drops and "
+                        "corrupt bodies, as real servers do; the download stage retries through them")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "checkpoint" / "model.ckpt"
+    if not checkpoint.exists():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(DEMO / "model.ckpt", checkpoint)
+    faults = Faults.realistic(retry_after_s=0, missing=0.0) if args.faults else Faults()
+    from . import submit
+
+    with ServerThread(FakeFathomNet(DEMO / "images", faults)) as server:
+        annotations = run_dir / "dataset_demo.json"
+        text = (DEMO / "dataset_demo.json").read_text().replace("http://127.0.0.1:PORT/images/", server.base_url)
+        annotations.write_text(text)
+        print(f"demo: serving {DEMO / 'images'} at {server.base_url} in FathomNet's place", flush=True)
+        rc = submit.main(["--profile", str(ROOT / "jobs" / "demo.yaml"), f"run_dir={run_dir}",
+                          f"data.train.annotations={annotations}", f"data.train.images_dir={run_dir / 'images'}",
+                          f"checkpoint.path={checkpoint}",
+                          f"infer.encoder_config={DEMO / 'tiny_dinov2_config.json'}"])
+    if rc != 0:
+        print(f"demo: a stage failed; see the message above, then rerun `python -m fathompipe.demo` "
+              f"(finished work is kept) or `python -m fathompipe.status --run-dir {run_dir}`", file=sys.stderr)
+        return rc
+    done = json.loads((run_dir / "evaluate" / "train" / "evaluate.done").read_text())
+    fo = done.get("fiftyone", {})
+    print("\n=== fathompipe demo finished ===")
+    print(f"report:      {done['report']}")
+    print(f"headline:    {done['headline']}")
+    print(f"predictions: {run_dir / 'infer' / 'train' / 'predictions.csv'} (and .parquet)")
+    if fo:
+        print(f"FiftyOne:    dataset '{fo['dataset']}', field '{fo['field']}', evaluation '{fo.get('eval_key')}', "
+              f"saved view '{fo.get('saved_view')}'")
+        from .fiftyone_io import app_instructions
+        print(f"             {app_instructions(fo['dataset'])}")
+    print("(synthetic images and a tiny stand-in model: the numbers show the pipeline runs, not the winner's quality)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
