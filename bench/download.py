@@ -49,9 +49,10 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": resource.getru
 
 FATHOMPIPE = r'''
 import json, resource, sys, time
-from fathompipe.download import DownloadOptions, download_shard
+from fathompipe.config import DownloadConfig
+from fathompipe.download import download_shard
 t0 = time.perf_counter()
-s = download_shard(sys.argv[1], sys.argv[2], 0, 1, options=DownloadOptions(concurrency=50, per_host=50,
+s = download_shard(sys.argv[1], sys.argv[2], 0, 1, options=DownloadConfig(concurrency=50, per_host=50,
                    max_attempts=8, backoff_base_s=0.2, backoff_max_s=5), progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "complete": s.complete}))

@@ -38,20 +38,9 @@ PERMANENT_MISSING = {401, 403, 404, 410}
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class DownloadOptions:
-    concurrency: int = 32
-    per_host: int = 16
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    max_attempts: int = 6
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    naming: str = "file_name"
-
-    @classmethod
-    def from_config(cls, cfg: DownloadConfig) -> "DownloadOptions":
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+# The DownloadConfig fields that shape one shard's run (the rest is Slurm's business).
+OPTION_FIELDS = ("concurrency", "per_host", "connect_timeout_s", "read_timeout_s", "max_attempts", "backoff_base_s",
+                 "backoff_max_s", "naming")
 
 
 @dataclass
@@ -184,7 +173,7 @@ class TransientError(Exception):
 class Downloader:
     """Fetches a list of images with bounded concurrency; one instance per shard run."""
 
-    def __init__(self, images_dir: Path, options: DownloadOptions, files: ShardFiles, progress: bool):
+    def __init__(self, images_dir: Path, options: DownloadConfig, files: ShardFiles, progress: bool):
         self.images_dir = images_dir
         self.options = options
         self.files = files
@@ -319,12 +308,13 @@ def _compact_records(files: ShardFiles) -> None:
 
 def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, num_shards: int,
                    state_dir: str | Path | None = None, name: str | None = None,
-                   options: DownloadOptions = DownloadOptions(), progress: bool = True) -> ShardSummary:
+                   options: Optional[DownloadConfig] = None, progress: bool = True) -> ShardSummary:
     """Download shard `shard` of `num_shards`; the callable the driver submits and the CLI runs.
 
     Interrupted by SIGTERM or SIGINT (scancel, a time limit), it stops cleanly: no partial image
     is left, every finished image is recorded, and the summary says INTERRUPTED.
     """
+    options = options or DownloadConfig()
     dataset = load_coco(annotations)
     images_dir = Path(images_dir)
     state_dir = Path(state_dir) if state_dir else images_dir / ".fathompipe"
@@ -371,13 +361,13 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--state-dir", help="records and markers (default: IMAGES_DIR/.fathompipe)")
     parser.add_argument("--name", help="shard file prefix (default: the annotation file's stem)")
-    defaults = DownloadOptions()
-    for f in DownloadOptions.__dataclass_fields__:
+    defaults = DownloadConfig()
+    for f in OPTION_FIELDS:
         value = getattr(defaults, f)
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    options = DownloadOptions(**{f: getattr(args, f) for f in DownloadOptions.__dataclass_fields__})
+    options = DownloadConfig(**{f: getattr(args, f) for f in OPTION_FIELDS})
     try:
         summary = download_shard(args.annotations, args.images_dir, args.shard, args.num_shards, args.state_dir,
                                  args.name, options, progress=not args.no_progress)

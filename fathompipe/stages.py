@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import submitit
 
-from .config import PipelineConfig, Resources
-from .download import DownloadOptions, ShardFiles, download_shard
+from .config import DownloadConfig, PipelineConfig, Resources
+from .download import ShardFiles, download_shard
 from .outputs import OutputFiles
 from .paths import RunPaths
 from .slim import slim_is_current
@@ -41,7 +41,7 @@ class DownloadTask:
     shard: int
     num_shards: int
     state_dir: str
-    options: DownloadOptions
+    options: DownloadConfig
 
     @property
     def key(self) -> str:
@@ -69,13 +69,12 @@ class DownloadTask:
 
 
 def download_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    options = DownloadOptions.from_config(cfg.download)
     tasks: List[Task] = []
     for split in cfg.data.splits:
         data = getattr(cfg.data, split)
         for shard in range(cfg.download.num_shards):
             tasks.append(DownloadTask(split, data.annotations, data.images_dir, shard, cfg.download.num_shards,
-                                      str(paths.state("download")), options))
+                                      str(paths.state("download")), cfg.download))
     return tasks
 
 

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
-from fathompipe.download import DownloadOptions, ShardFiles, download_shard, retry_after_seconds
+from fathompipe.config import DownloadConfig
+from fathompipe.download import ShardFiles, download_shard, retry_after_seconds
 from fathompipe.fakeserver import Faults, ServerThread
 from fathompipe.synthetic import synthetic_png
 
@@ -26,7 +27,7 @@ def leftovers(images_dir: Path) -> list:
 def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fathomnet):
     server, ann = fake_fathomnet(DATA / "dataset_test.json", Faults.realistic(retry_after_s=1))
     images = tmp_path / "images"
-    summary = download_shard(ann, images, 0, 1, options=DownloadOptions(max_attempts=10, **FAST), progress=False)
+    summary = download_shard(ann, images, 0, 1, options=DownloadConfig(max_attempts=10, **FAST), progress=False)
     ds = load_coco(ann)
     missing = {im.file_name for im in ds.images.values() if server.is_missing(im.file_name)}
     assert summary.complete and summary.total == 325
@@ -47,7 +48,7 @@ def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fatho
     assert sum(server.requests.values()) > 325  # faults were really injected and retried
 
     before = dict(server.requests)
-    again = download_shard(ann, images, 0, 1, options=DownloadOptions(max_attempts=10, **FAST), progress=False)
+    again = download_shard(ann, images, 0, 1, options=DownloadConfig(max_attempts=10, **FAST), progress=False)
     assert again.complete and again.downloaded == 0
     asked_again = {n for n, c in server.requests.items() if c != before.get(n, 0)}
     assert asked_again <= missing  # nothing on disk was requested again
@@ -55,7 +56,7 @@ def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fatho
 
 def test_transient_failures_are_recorded_and_fail_the_shard(tmp_path, fake_fathomnet):
     server, ann = fake_fathomnet(DATA / "dataset_test.json", Faults(http_503=1.0, retry_after_s=0), limit=4)
-    summary = download_shard(ann, tmp_path / "img", 0, 1, options=DownloadOptions(max_attempts=3, **FAST),
+    summary = download_shard(ann, tmp_path / "img", 0, 1, options=DownloadConfig(max_attempts=3, **FAST),
                              progress=False)
     assert not summary.complete and summary.failed == 4
     files = ShardFiles.of(tmp_path / "img" / ".fathompipe", "srv", 0, 1)
@@ -102,7 +103,7 @@ def test_retry_after_and_read_timeout(tmp_path, script, check):
     with ServerThread(scripted) as st:
         ann = _one_image(tmp_path, st.base_url)
         t0 = time.monotonic()
-        opts = DownloadOptions(backoff_base_s=0.01, read_timeout_s=0.5, max_attempts=3)
+        opts = DownloadConfig(backoff_base_s=0.01, read_timeout_s=0.5, max_attempts=3)
         summary = download_shard(ann, tmp_path / "img", 0, 1, options=opts, progress=False)
         elapsed = time.monotonic() - t0
     assert summary.complete and (tmp_path / "img/a.png").read_bytes() == scripted.body
@@ -122,7 +123,7 @@ def test_existing_files_adopted_or_replaced_and_image_id_naming(tmp_path, fake_f
     good, bad = ims[0], ims[1]
     (images / f"{good.id}.png").write_bytes((server.directory / good.file_name).read_bytes())  # another tool's
     (images / f"{bad.id}.png").write_bytes(b"\x89PNG truncated")
-    summary = download_shard(ann, images, 0, 1, options=DownloadOptions(naming="image_id", **FAST), progress=False)
+    summary = download_shard(ann, images, 0, 1, options=DownloadConfig(naming="image_id", **FAST), progress=False)
     assert summary.complete and summary.downloaded == 5
     assert server.requests[good.file_name] == 0 and server.requests[bad.file_name] == 1
     for im in ims:
