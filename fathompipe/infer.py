@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import io
 import json
-import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,6 @@ from .model import CheckpointMismatch, FathomNetClassifier
 from .outputs import OutputFiles
 from .preprocess import crop_image, normalization_lut, normalize_uint8
 
-log = logging.getLogger("fathompipe.infer")
 TOPK = 5
 # Measured (BENCHMARKS.md): on a GPU, fp16 autocast agrees with fp32 and is the fastest such mode.
 GPU_DEFAULT_PRECISION = "fp16"

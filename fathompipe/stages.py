@@ -202,14 +202,13 @@ class Stage:
     after: Tuple[str, ...]
     resources: Callable[[PipelineConfig], Resources]
     tasks: Callable[[PipelineConfig, RunPaths], List[Task]]
-    progress_unit: str  # what status counts for this stage
 
 
 STAGES: List[Stage] = [
-    Stage("download", (), lambda c: c.download.resources, download_tasks, "images"),
-    Stage("checkpoint", (), lambda c: c.checkpoint.resources, checkpoint_tasks, "slim weights"),
-    Stage("infer", ("download", "checkpoint"), lambda c: c.infer.resources, infer_tasks, "batches"),
-    Stage("evaluate", ("infer",), lambda c: c.evaluate.resources, evaluate_tasks, "reports"),
+    Stage("download", (), lambda c: c.download.resources, download_tasks),
+    Stage("checkpoint", (), lambda c: c.checkpoint.resources, checkpoint_tasks),
+    Stage("infer", ("download", "checkpoint"), lambda c: c.infer.resources, infer_tasks),
+    Stage("evaluate", ("infer",), lambda c: c.evaluate.resources, evaluate_tasks),
 ]
 
 
