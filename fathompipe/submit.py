@@ -90,6 +90,13 @@ def main(argv: List[str] | None = None) -> int:
     except (SubmitError, RunStateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if cfg.cluster != "slurm":  # local runs are finished here: say whether everything is done
+        unfinished = [f"{s.name} {t.key}" for s in STAGES for t in s.tasks(cfg, paths) if not t.done()]
+        if unfinished:
+            print(f"error: unfinished: {', '.join(unfinished[:5])}; "
+                  f"see python -m fathompipe.status --run-dir {paths.root}", file=sys.stderr)
+            return 1
+        return 0
     print(f"watch: python -m fathompipe.status --run-dir {paths.root}")
     return 0
 
