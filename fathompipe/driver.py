@@ -53,6 +53,20 @@ def active_jobs(state: RunState, paths: RunPaths) -> Dict[str, str]:
     return {j: s for j, s in job_states(state, paths).items() if s in ACTIVE}
 
 
+def active_unfinished(cfg: PipelineConfig, paths: RunPaths, state: RunState) -> Dict[str, str]:
+    """Queued or running jobs of tasks without a completion marker: the ones a resume could
+    duplicate (a finished task's job that is still exiting cannot)."""
+    states = active_jobs(state, paths)
+    busy: Dict[str, str] = {}
+    for stage in STAGES:
+        latest = state.stage(stage.name).latest_jobs()
+        for task in stage.tasks(cfg, paths):
+            job = latest.get(task.key)
+            if job in states and not task.done():
+                busy[job] = states[job]
+    return busy
+
+
 def _dependency(stage: Stage, cfg: PipelineConfig, paths: RunPaths, state: RunState,
                 new: Dict[str, Submission], states: Dict[str, str]) -> Optional[str]:
     """`afterok:...` on the unfinished upstream work; None if that work can never finish."""

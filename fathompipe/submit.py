@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from . import atomic
 from .config import ConfigError, load_config, to_yaml
-from .driver import SubmitError, active_jobs, run_lock, submit_stages
+from .driver import SubmitError, active_unfinished, run_lock, submit_stages
 from .paths import RunPaths
 from .runstate import RunState, RunStateError
 from .slurm import render_sbatch
@@ -77,7 +77,7 @@ def main(argv: List[str] | None = None) -> int:
                 if diff:
                     raise SubmitError(f"{paths.root} was submitted with another configuration ({diff}). "
                                       f"Use a new --run-dir, or the same profile and overrides to resume.")
-                busy = active_jobs(state, paths)
+                busy = active_unfinished(cfg, paths, state)
                 if busy:
                     raise SubmitError(f"refusing: {len(busy)} job(s) of this run are still queued or running "
                                       f"({', '.join(sorted(busy)[:5])}). Watch them with "

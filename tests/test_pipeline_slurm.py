@@ -93,3 +93,19 @@ def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy)
     stages = wait_status(run_dir, settled)
     assert all(s["done"] == s["tasks"] for s in stages.values()), stages
     assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+
+
+def test_second_submit_refuses_while_work_is_queued(slurm, tmp_path, fake_fathomnet, parity_copy):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(), source_dir=PARITY / "images")
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir = tmp_path / "run"
+    queued = "download.resources.extra={begin: now+1hour}"  # stays queued
+    assert cli("submit", "--profile", str(profile), queued).returncode == 0
+    try:
+        wait_status(run_dir, lambda s: s["download"]["pending"] == 3, timeout=60)
+        again = cli("submit", "--profile", str(profile), queued)
+        assert again.returncode == 1 and "refusing" in again.stderr and "still queued or running" in again.stderr
+        state = json.loads((run_dir / "run.json").read_text())
+        assert len(state["stages"]["download"]["submissions"]) == 1  # nothing submitted twice
+    finally:
+        assert cli("cancel", "--run-dir", str(run_dir)).returncode == 0
