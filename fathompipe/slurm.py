@@ -34,6 +34,7 @@ def sbatch_params(resources: Resources, job_name: str, dependency: str = "") -> 
         "cpus_per_task": resources.cpus_per_task,
         "mem": f"{int(resources.mem_gb * 1024)}M",
         "array_parallelism": resources.array_parallelism,
+        "signal_delay_s": resources.signal_delay_s,
         "additional_parameters": extra,
     }
     for key in ("partition", "account", "qos"):
