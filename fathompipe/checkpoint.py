@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import pickle
 import sys
 import time
@@ -22,6 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import requests
 import torch
 from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import atomic
 from .config import WINNER_GDRIVE_ID
-from .slim import CheckpointError, SlimFiles, fingerprint, load_encoder_overrides, slim_is_current
+from .slim import CheckpointError, CorruptCheckpoint, SlimFiles, fingerprint, load_encoder_overrides, slim_is_current
 from .model import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
 
 # What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
@@ -52,8 +54,8 @@ def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
                               f"({detail}). Nothing from it was executed. Use the winner's original checkpoint.") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
-                              f"truncated or corrupt. Delete it and rerun to download it again.") from None
+        raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
+                                f"truncated or corrupt") from None
 
 def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[str, Any]] = None) -> ModelSpec:
     hp = ckpt.get("hyper_parameters")
@@ -116,6 +118,8 @@ def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[
     try:
         result = gdown.download(url=url, id=None if url else gdrive_id, output=str(checkpoint), quiet=False,
                                 resume=True)
+    except requests.RequestException as exc:
+        raise CheckpointError(f"download of {checkpoint} failed: {exc}; rerun to resume it") from None
     except FileURLRetrievalError as exc:
         if "too many users" in str(exc).lower() or "quota" in str(exc).lower():
             raise CheckpointError(QUOTA_HELP.format(id=gdrive_id, path=checkpoint)) from None
@@ -126,10 +130,26 @@ def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[
 
 def prepare(checkpoint: str | Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None,
             encoder_config: Optional[str | Path] = None) -> SlimFiles:
-    """The stage: download if absent, verify, export slim files. Idempotent."""
+    """The stage: download if absent, verify, export slim files. Idempotent.
+
+    A file that is not a readable checkpoint at all (a truncated copy) is useless: it is moved aside
+    to `<name>.corrupt`, never deleted, and a fresh copy is downloaded. A readable file that fails
+    the allowlist or the key check is refused as it is: downloading would not explain it.
+    """
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         download(checkpoint, gdrive_id, url)
+    try:
+        return export_slim(checkpoint, encoder_config)
+    except CorruptCheckpoint as exc:
+        aside = checkpoint.with_name(checkpoint.name + ".corrupt")
+        os.replace(checkpoint, aside)
+        print(f"{exc}: moved it to {aside} (delete it when you no longer need it); downloading a fresh copy",
+              flush=True)
+        try:
+            download(checkpoint, gdrive_id, url)
+        except CheckpointError as dl:
+            raise CheckpointError(f"{exc} (moved to {aside}), and a fresh copy could not be downloaded: {dl}") from None
     return export_slim(checkpoint, encoder_config)
 
 def main(argv: List[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import submitit
@@ -53,17 +54,30 @@ def active_jobs(state: RunState, paths: RunPaths) -> Dict[str, str]:
     return {j: s for j, s in job_states(state, paths).items() if s in ACTIVE}
 
 
-def active_unfinished(cfg: PipelineConfig, paths: RunPaths, state: RunState) -> Dict[str, str]:
+@dataclass(frozen=True)
+class ActiveTask:
+    """An unfinished task whose job is still queued or running."""
+
+    stage: Stage
+    key: str
+    job: str
+    state: str
+
+
+def active_unfinished(cfg: PipelineConfig, paths: RunPaths, state: RunState,
+                      stage_names: Optional[List[str]] = None) -> List[ActiveTask]:
     """Queued or running jobs of tasks without a completion marker: the ones a resume could
     duplicate (a finished task's job that is still exiting cannot)."""
     states = active_jobs(state, paths)
-    busy: Dict[str, str] = {}
+    busy: List[ActiveTask] = []
     for stage in STAGES:
+        if stage_names is not None and stage.name not in stage_names:
+            continue
         latest = state.stage(stage.name).latest_jobs()
         for task in stage.tasks(cfg, paths):
             job = latest.get(task.key)
             if job in states and not task.done():
-                busy[job] = states[job]
+                busy.append(ActiveTask(stage, task.key, job, states[job]))
     return busy
 
 

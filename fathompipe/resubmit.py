@@ -11,9 +11,9 @@ import sys
 from typing import Dict, List, Set
 
 from .config import ConfigError
-from .driver import SubmitError, job_states, run_lock, submit_stages
+from .driver import SubmitError, active_unfinished, run_lock, submit_stages
 from .runstate import RunStateError
-from .slurm import ACTIVE, cancel
+from .slurm import cancel
 from .stages import STAGES, downstream, stage_by_name
 from .status import load_run
 
@@ -37,20 +37,13 @@ def main(argv: List[str] | None = None) -> int:
                 for s in first:
                     only[s.name] = {t.key for t in s.tasks(cfg, paths)
                                     if t.key in wanted or t.key.rsplit("/", 1)[-1] in wanted}
-            states = job_states(state, paths)
             busy: List[str] = []
             to_cancel: List[str] = []
-            for name in names:
-                stage = stage_by_name(name)
-                latest = state.stage(name).latest_jobs()
-                for task in stage.tasks(cfg, paths):
-                    job = latest.get(task.key)
-                    if task.done() or not job or states.get(job) not in ACTIVE:
-                        continue
-                    if stage.after and any(n in names for n in stage.after):
-                        to_cancel.append(job)  # waiting on jobs that are being replaced
-                    else:
-                        busy.append(f"{name} {task.key} ({job} {states[job]})")
+            for active in active_unfinished(cfg, paths, state, names):
+                if any(n in names for n in active.stage.after):
+                    to_cancel.append(active.job)  # waiting on jobs that are being replaced
+                else:
+                    busy.append(f"{active.stage.name} {active.key} ({active.job} {active.state})")
             if busy:
                 raise SubmitError("still queued or running, not resubmitted: " + "; ".join(busy[:5]) +
                                   ". Wait for them, or `scancel` them first.")

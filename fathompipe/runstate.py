@@ -16,6 +16,12 @@ class RunStateError(RuntimeError):
     """run.json is missing or unreadable; the message says how to recover."""
 
 
+def rebuild_hint(paths: RunPaths) -> str:
+    return (f"To rebuild it from the completion markers on disk and resume, keeping all finished work: "
+            f"python -m fathompipe.submit --profile <the run's profile> --run-dir {paths.root} --rebuild-state "
+            f"(with the run's overrides; it refuses while any job of the run is still queued or running).")
+
+
 @dataclass
 class Submission:
     job_id: str  # the array (or single) job id
@@ -62,11 +68,8 @@ class RunState:
         """None for a run never submitted; RunStateError for one whose state is damaged."""
         if not paths.run_json.exists():
             if paths.config.exists():
-                raise RunStateError(
-                    f"{paths.run_json} is missing but {paths.config} exists: this run was submitted before and "
-                    f"its job ids are lost. Check `squeue --me` for its jobs (names start with 'fp-'), cancel "
-                    f"them if needed, then submit into a new --run-dir (finished images and outputs on disk are "
-                    f"reused, not redone).")
+                raise RunStateError(f"{paths.run_json} is missing but {paths.config} exists: this run was submitted "
+                                    f"before and its job ids are lost. Nothing was submitted. {rebuild_hint(paths)}")
             return None
         try:
             raw = json.loads(paths.run_json.read_text())
@@ -76,7 +79,5 @@ class RunState:
             }
             return cls(stages=stages, **raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RunStateError(
-                f"{paths.run_json} is corrupt ({type(exc).__name__}: {exc}). Nothing was submitted. "
-                f"Check `squeue --me` for this run's jobs (names start with 'fp-'), then submit into a new "
-                f"--run-dir: finished work on disk is reused, not redone.") from None
+            raise RunStateError(f"{paths.run_json} is corrupt ({type(exc).__name__}: {exc}). "
+                                f"Nothing was submitted. {rebuild_hint(paths)}") from None

@@ -14,6 +14,10 @@ class CheckpointError(RuntimeError):
     """The checkpoint cannot be used; the message says why and what to do."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """The file is not a readable checkpoint at all (truncated copy, damaged bytes)."""
+
+
 @dataclass(frozen=True)
 class SlimFiles:
     weights: Path

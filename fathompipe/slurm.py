@@ -5,6 +5,7 @@ submission and `--dry-run` (`render_sbatch`, a pure function tested against a go
 """
 from __future__ import annotations
 
+import getpass
 import os
 import pickle
 import re
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+import psutil
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
@@ -151,6 +153,23 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def queued_jobs_under(cluster: str, folder: Path) -> List[str]:
+    """Queued or running jobs whose submitit folder lies under `folder`: a run's jobs, found without
+    its run.json (Slurm: this user's batch scripts; local: submitit processes)."""
+    prefix = str(folder.resolve()) + os.sep
+    if cluster == "slurm":
+        proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%o"], capture_output=True,
+                              text=True, timeout=60, check=True)
+        return sorted(line.split("|", 1)[0] for line in proc.stdout.splitlines()
+                      if "|" in line and line.split("|", 1)[1].startswith(prefix))
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "submitit.core._submit" in cmd and any(arg.startswith(prefix) for arg in cmd):
+            found.append(str(proc.info["pid"]))
+    return sorted(found)
 
 
 def cancel(job_ids: Iterable[str]) -> None:

@@ -1,22 +1,27 @@
 """Submit the pipeline: `python -m fathompipe.submit [--profile P] [--run-dir R] [--cluster C] [--dry-run] [k=v ...]`.
 
 A second submit into the same run directory resumes (only unfinished tasks are queued) when none of
-its jobs is still queued or running, and refuses otherwise; it always says which.
+its jobs is still queued or running, and refuses otherwise; it always says which. A run whose
+run.json was lost or damaged is refused; `--rebuild-state` rebuilds it from the completion markers
+on disk (only when the scheduler shows no job of the run) and resumes.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import subprocess
 import sys
 from typing import List
 
 from omegaconf import OmegaConf
 
 from . import atomic
-from .config import ConfigError, load_config, to_yaml
+from .config import ConfigError, PipelineConfig, load_config, to_yaml
 from .driver import SubmitError, active_unfinished, run_lock, submit_stages
 from .paths import RunPaths
 from .runstate import RunState, RunStateError
-from .slurm import render_sbatch
+from .slurm import queued_jobs_under, render_sbatch
 from .stages import STAGES, job_name
 
 
@@ -37,12 +42,37 @@ def _config_difference(paths: RunPaths, new_yaml: str) -> str:
     return walk(old, new, "")
 
 
+def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> RunState:
+    """A fresh state for a run whose run.json is lost or damaged (kept aside as run.json.damaged).
+
+    Safe only when no job of the run can still write: the scheduler is asked for jobs whose
+    submitit folder lies in the run directory. Completion markers then tell what is finished.
+    """
+    try:
+        live = queued_jobs_under(cfg.cluster, paths.root)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SubmitError(f"cannot list the queue to check for jobs of this run ({exc}); not rebuilding") from None
+    if live:
+        raise SubmitError(f"refusing to rebuild {paths.run_json}: job(s) {', '.join(live[:5])} of this run are still "
+                          f"queued or running. Wait for them (squeue) or cancel them (scancel), then rerun this command.")
+    if paths.run_json.exists():
+        os.replace(paths.run_json, paths.run_json.with_name("run.json.damaged"))
+    if not paths.config.exists():
+        atomic.write_text(paths.config, config_yaml)
+    state = RunState(cluster=cfg.cluster)
+    state.log("rebuild-state")
+    print(f"rebuilt the state of {paths.root} from its completion markers (no job of the run is queued or running)")
+    return state
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.submit", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="job profile YAML, e.g. jobs/pace.yaml (default: built-in defaults)")
     parser.add_argument("--run-dir", help="run directory (overrides run_dir)")
     parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="overrides cluster")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    parser.add_argument("--rebuild-state", action="store_true",
+                        help="run.json lost or damaged: rebuild it from the completion markers on disk and resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -66,7 +96,12 @@ def main(argv: List[str] | None = None) -> int:
     config_yaml = to_yaml(cfg)
     try:
         with run_lock(paths):
-            state = RunState.load(paths)
+            try:
+                state = RunState.load(paths)
+            except RunStateError:
+                if not args.rebuild_state:
+                    raise
+                state = _rebuilt_state(cfg, paths, config_yaml)
             if state is None:
                 state = RunState(cluster=cfg.cluster)
                 atomic.write_text(paths.config, config_yaml)
@@ -80,14 +115,18 @@ def main(argv: List[str] | None = None) -> int:
                 busy = active_unfinished(cfg, paths, state)
                 if busy:
                     raise SubmitError(f"refusing: {len(busy)} job(s) of this run are still queued or running "
-                                      f"({', '.join(sorted(busy)[:5])}). Watch them with "
+                                      f"({', '.join(sorted(t.job for t in busy)[:5])}). Watch them with "
                                       f"`python -m fathompipe.status --run-dir {paths.root}`.")
                 reason = "resume"
                 print(f"resuming {paths.root}: only unfinished tasks are submitted")
             state.log(reason)
             submit_stages(cfg, paths, state, [s.name for s in STAGES], reason, print)
             state.save(paths)
-    except (SubmitError, RunStateError) as exc:
+    except RunStateError as exc:
+        again = shlex.join([*(sys.argv[1:] if argv is None else argv), "--rebuild-state"])
+        print(f"error: {exc}\nexactly: python -m fathompipe.submit {again}", file=sys.stderr)
+        return 1
+    except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if cfg.cluster != "slurm":  # local runs are finished here: say whether everything is done

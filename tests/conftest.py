@@ -4,12 +4,13 @@ In CI (CI=true) a missing Slurm is an error, never a skip: .ci/run brings it up 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -33,6 +34,37 @@ def slurm_ready() -> str:
     if proc.returncode != 0 or not proc.stdout.strip():
         return f"Slurm does not answer: {proc.stderr.strip()[:200]} (run tests/infra/slurm.sh up)"
     return ""
+
+
+DRILLS: List[Dict[str, object]] = []
+DRILL_COLUMNS = ("drill", "fault", "outcome", "commands", "images_redone", "rois_redone", "data_lost")
+
+
+@pytest.fixture
+def drill(request: pytest.FixtureRequest) -> Iterator[Dict[str, object]]:
+    """A failure drill's record: the test fills it in as it verifies; printed after the run."""
+    record: Dict[str, object] = {"drill": request.node.name.removeprefix("test_")}
+    yield record
+    record.setdefault("outcome", "DRILL FAILED: see the test report")
+    DRILLS.append(record)
+
+
+def drill_table(records: List[Dict[str, object]]) -> List[str]:
+    """The reliability table as markdown lines (also printed by bench/drills.py)."""
+    lines = ["| " + " | ".join(DRILL_COLUMNS) + " |", "|" + "---|" * len(DRILL_COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in DRILL_COLUMNS) + " |" for r in records]
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not DRILLS:
+        return
+    terminalreporter.write_sep("=", "failure drills")
+    for line in drill_table(DRILLS):
+        terminalreporter.write_line(line)
+    report = os.environ.get("FATHOMPIPE_DRILL_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(DRILLS, indent=1))
 
 
 @pytest.fixture(scope="session")

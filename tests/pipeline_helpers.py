@@ -65,3 +65,30 @@ def settled(stages: Dict[str, Dict]) -> bool:
 def squeue_jobs(name_prefix: str) -> List[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if name_prefix in ln]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def task_job(run_dir: Path, stage: str, task: str) -> str:
+    """The Slurm job id (`1234_5` for an array task) that ran `task` of `stage` last."""
+    state = json.loads((run_dir / "run.json").read_text())
+    return [s["tasks"][task] for s in state["stages"][stage]["submissions"] if task in s["tasks"]][-1]
+
+
+def mtimes(folder: Path, pattern: str) -> Dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob(pattern)}
+
+
+def rewritten(before: Dict[str, int], folder: Path) -> List[str]:
+    """Files of `before` that are gone or were written again since."""
+    return [n for n, t in before.items() if not (folder / n).exists() or (folder / n).stat().st_mtime_ns != t]
+
+
+def job_logs(run_dir: Path, stage: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs" / stage).glob("*_log.*")))

@@ -53,7 +53,7 @@ def test_missing_key_is_refused_naming_it(tmp_path):
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.ckpt"
     path.write_bytes((PARITY / "model.ckpt").read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="truncated or corrupt.*Delete it and rerun"):
+    with pytest.raises(CheckpointError, match="cut.ckpt: not a readable checkpoint.*truncated or corrupt"):
         export_slim(path, ENCODER)
 
 
@@ -82,23 +82,56 @@ def test_slim_model_has_only_inference_weights_and_loads_strictly(parity_copy):
     assert len(keys) == 402  # 456 minus 18 object projections and 36 hierarchical heads
 
 
+class Mirror:
+    """A loopback HTTP mirror of the parity checkpoint (Google Drive is not reachable here)."""
+
+    def __init__(self):
+        from aiohttp import web
+
+        body = (PARITY / "model.ckpt").read_bytes()
+
+        async def handle(request: web.Request) -> web.Response:
+            return web.Response(body=body)
+
+        self.app = web.Application()
+        self.app.router.add_get("/images/{name}", handle)
+
+
 def test_missing_checkpoint_is_downloaded_from_a_mirror_url(tmp_path):
-    """gdown against a real loopback HTTP server (Google Drive is not reachable here)."""
-    from aiohttp import web
     from fathompipe.checkpoint import prepare
     from fathompipe.fakeserver import ServerThread
-
-    body = (PARITY / "model.ckpt").read_bytes()
-
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(body=body)
-
-    class Mirror:
-        def __init__(self):
-            self.app = web.Application()
-            self.app.router.add_get("/images/{name}", handle)
 
     with ServerThread(Mirror()) as st:
         target = tmp_path / "dl" / "last-002.ckpt"
         slim = prepare(target, url=st.base_url + "last-002.ckpt", encoder_config=ENCODER)
-    assert target.read_bytes() == body and slim.meta.exists()
+    assert target.read_bytes() == (PARITY / "model.ckpt").read_bytes() and slim.meta.exists()
+
+
+def test_truncated_checkpoint_is_moved_aside_and_fetched_again(tmp_path):
+    from fathompipe.checkpoint import prepare
+    from fathompipe.fakeserver import ServerThread
+
+    good = (PARITY / "model.ckpt").read_bytes()
+    target = tmp_path / "last-002.ckpt"
+    target.write_bytes(good[: len(good) // 2])
+    with ServerThread(Mirror()) as st:
+        slim = prepare(target, url=st.base_url + "last-002.ckpt", encoder_config=ENCODER)
+    assert target.read_bytes() == good and slim.meta.exists()
+    assert (tmp_path / "last-002.ckpt.corrupt").read_bytes() == good[: len(good) // 2]  # kept, never deleted
+
+
+def test_truncated_checkpoint_without_a_reachable_source_is_one_clear_error(tmp_path):
+    import socket
+
+    from fathompipe.checkpoint import prepare
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = tmp_path / "last-002.ckpt"
+    target.write_bytes((PARITY / "model.ckpt").read_bytes()[:100_000])
+    with pytest.raises(CheckpointError) as err:
+        prepare(target, url=f"http://127.0.0.1:{port}/last-002.ckpt", encoder_config=ENCODER)
+    message = str(err.value)
+    assert "truncated or corrupt" in message and "last-002.ckpt.corrupt" in message
+    assert "could not be downloaded" in message and "rerun" in message

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from conftest import PARITY
 from fathompipe.fakeserver import FakeFathomNet, Faults
-from pipeline_helpers import EXPECTED_SUBMISSION, cli, settled, squeue_jobs, status_json, wait_status, write_profile
+from pipeline_helpers import (EXPECTED_SUBMISSION, cli, mtimes, settled, squeue_jobs, status_json, wait_status,
+                              write_profile)
 
 
 class Flaky(FakeFathomNet):
@@ -73,7 +76,8 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     assert "download: nothing to do" in again.stdout and "infer: nothing to do" in again.stdout
 
 
-def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy):
+@pytest.mark.drill
+def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
     # a slow server: the downloads are still running when the user cancels
     server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(latency_s=2.0), source_dir=PARITY / "images")
     profile = write_profile(tmp_path, ann, parity_copy, "slurm")
@@ -88,11 +92,18 @@ def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy)
     assert stages["infer"]["done"] == 0 and "fathompipe.resubmit" in status_json(run_dir)["next"]
     state = json.loads((run_dir / "run.json").read_text())
     assert state["history"][-1]["action"] == "cancel"
+    on_disk = {n: server.requests[n] for n in mtimes(tmp_path / "images", "*.png")}
     proc = cli("resubmit", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     stages = wait_status(run_dir, settled)
     assert all(s["done"] == s["tasks"] for s in stages.values()), stages
     assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+    refetched = sum(server.requests[n] - c for n, c in on_disk.items())
+    assert refetched == 0
+    drill.update(fault="python -m fathompipe.cancel while the download array runs",
+                 outcome="every queued and running job cancelled and recorded; status: CANCELLED, resubmit "
+                         "named; resubmit completed the run", commands="resubmit", images_redone=refetched,
+                 rois_redone=0, data_lost=0)
 
 
 def test_second_submit_refuses_while_work_is_queued(slurm, tmp_path, fake_fathomnet, parity_copy):
@@ -107,5 +118,11 @@ def test_second_submit_refuses_while_work_is_queued(slurm, tmp_path, fake_fathom
         assert again.returncode == 1 and "refusing" in again.stderr and "still queued or running" in again.stderr
         state = json.loads((run_dir / "run.json").read_text())
         assert len(state["stages"]["download"]["submissions"]) == 1  # nothing submitted twice
+        (run_dir / "run.json").unlink()  # and with its state lost, rebuilding it is refused too
+        rebuild = cli("submit", "--profile", str(profile), queued, "--rebuild-state")
+        assert rebuild.returncode == 1 and "refusing to rebuild" in rebuild.stderr and "scancel" in rebuild.stderr
+        ids = {sub["job_id"] for sub in state["stages"]["download"]["submissions"]}
+        assert any(i.split("_")[0] in ids for i in rebuild.stderr.split("job(s) ")[1].split(" of")[0].split(", "))
+        (run_dir / "run.json").write_text(json.dumps(state))  # so that cancel below finds the jobs
     finally:
         assert cli("cancel", "--run-dir", str(run_dir)).returncode == 0

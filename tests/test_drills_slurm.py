@@ -1,0 +1,192 @@
+"""Failure drills on the real Slurm: inject what clusters do to jobs, then status, then one command.
+
+Each drill checks that `status` says what happened and what to do, that one command completes the
+run, and measures what was redone and what was lost; the `drill` fixture collects the figures
+for the reliability table (printed after the tests, and by bench/drills.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import DATA, PARITY
+from fathompipe.fakeserver import Faults
+from test_pipeline_slurm import Flaky
+from pipeline_helpers import (EXPECTED_SUBMISSION, cli, job_logs, mtimes, rewritten, settled, squeue_jobs,
+                              status_json, task_job, wait_for, wait_status, write_profile)
+
+pytestmark = pytest.mark.drill
+
+
+def all_done(stages: dict) -> bool:
+    return all(s["done"] == s["tasks"] for s in stages.values())
+
+
+def test_download_shard_killed_mid_way(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(latency_s=1.5), source_dir=PARITY / "images")
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir, images = tmp_path / "run", tmp_path / "images"
+    assert cli("submit", "--profile", str(profile), "download.concurrency=1").returncode == 0
+    records = run_dir / "download" / "test-00001-of-00003.jsonl"
+    wait_for(lambda: records.exists() and len(records.read_text().splitlines()) >= 1, "a first finished image")
+    subprocess.run(["scancel", "--signal=KILL", task_job(run_dir, "download", "test/1")], check=True)  # no clean-up
+
+    stages = wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] == 1)
+    failure = stages["download"]["failures"][0]
+    assert failure["task"] == "test/1" and stages["infer"]["done"] == 0
+    assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
+    on_disk = {n: server.requests[n] for n in mtimes(images, "*.png")}
+
+    proc = cli("resubmit", "--run-dir", str(run_dir))
+    assert proc.returncode == 0 and "download: submitted 1 task(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert all_done(wait_status(run_dir, settled))
+    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+    refetched = sum(server.requests[n] - c for n, c in on_disk.items())
+    corrupt = [n for n in mtimes(images, "*.png") if (images / n).read_bytes() != (server.directory / n).read_bytes()]
+    assert refetched == 0 and not corrupt and not list(images.glob(".*.part"))
+    drill.update(fault="SIGKILL to a running download array task (scancel --signal=KILL)",
+                 outcome=f"status: shard {failure['state']}, resubmit named; resubmit reran that shard only; "
+                         "run complete",
+                 commands="resubmit", images_redone=refetched, rois_redone=0, data_lost=len(corrupt))
+
+
+def test_inference_time_limit_then_user_scancel(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
+    # 120 real test-split images at their real sizes (synthetic pixels): long enough to interrupt twice
+    server, ann = fake_fathomnet(DATA / "dataset_test.json", Faults(), limit=120)
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir = tmp_path / "run"
+    parts = run_dir / "infer/test/predictions.parts"
+    assert cli("submit", "--profile", str(profile), "infer.batch_size=1").returncode == 0
+    wait_for(lambda: len(mtimes(parts, "*.npz")) >= 5, "the first inference batches", timeout=300)
+    job = task_job(run_dir, "infer", "test/0")
+
+    # The time limit: what Slurm sends infer.resources.signal_delay_s before it (USR2 to the job's
+    # steps), sent now rather than after minutes. submitit checkpoints and requeues the same job.
+    before_limit = mtimes(parts, "*.npz")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: any(ln.split()[0] == job and "PENDING" in ln for ln in squeue_jobs("infer")), "the requeue",
+             every=0.5)
+    # Slurm holds a requeued job for 120 s (BeginTime); release it instead of waiting
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    wait_for(lambda: len(mtimes(parts, "*.npz")) >= len(before_limit) + 5, "inference to resume", timeout=300)
+    assert "already done" in job_logs(run_dir, "infer")
+
+    before_cancel = mtimes(parts, "*.npz")  # the user now cancels the job by hand
+    subprocess.run(["scancel", job], check=True)
+    stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["failed"] == 1)
+    assert stages["infer"]["failures"][0]["state"] == "CANCELLED" and stages["evaluate"]["done"] == 0
+    assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
+
+    proc = cli("resubmit", "--run-dir", str(run_dir))
+    assert proc.returncode == 0 and "infer: submitted 1 task(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert "download: nothing to do" in proc.stdout
+    assert all_done(wait_status(run_dir, settled, timeout=400))
+    redone = rewritten(before_cancel, parts)  # before_limit is a subset of before_cancel
+    rois_redone = sum(len(np.load(parts / n)["annotation_id"]) for n in redone if (parts / n).exists())
+    csv = (run_dir / "infer/test/predictions.csv").read_text().splitlines()[1:]
+    skipped = (run_dir / "infer/test/predictions.skipped.csv").read_text().splitlines()[1:]
+    lost = len(json.loads(ann.read_text())["annotations"]) - len(csv) - len(skipped)
+    assert not redone and lost == 0 and len(csv) > len(before_cancel)
+    drill.update(fault="the time-limit signal (USR2) to the running inference job, then scancel by the user",
+                 outcome=f"requeued and resumed after {len(before_limit)} batches (log: 'already done'); "
+                         f"status: CANCELLED, resubmit named; resubmit resumed after {len(before_cancel)}",
+                 commands="none for the time limit; resubmit after scancel", images_redone=0,
+                 rois_redone=rois_redone, data_lost=lost)
+
+
+def test_truncated_checkpoint(slurm, tmp_path, fake_fathomnet, drill):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(), source_dir=PARITY / "images")
+    shutil.copyfile(PARITY / "model.ckpt", server.directory / "model.ckpt")  # a mirror, standing in for Drive
+    mirror = json.loads(ann.read_text())["images"][0]["coco_url"].rsplit("/", 1)[0] + "/model.ckpt"
+    good = (PARITY / "model.ckpt").read_bytes()
+    checkpoint = tmp_path / "ckpt" / "model.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(good[: len(good) // 2])  # a copy cut short
+    profile = write_profile(tmp_path, ann, checkpoint, "slurm")
+    run_dir = tmp_path / "run"
+    assert cli("submit", "--profile", str(profile), f"checkpoint.url={mirror}").returncode == 0
+
+    assert all_done(wait_status(run_dir, settled))
+    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+    assert checkpoint.read_bytes() == good and server.requests["model.ckpt"] == 1
+    assert (tmp_path / "ckpt/model.ckpt.corrupt").stat().st_size == len(good) // 2  # kept, not deleted
+    log = job_logs(run_dir, "checkpoint")
+    assert "truncated or corrupt" in log and "model.ckpt.corrupt" in log
+    drill.update(fault="checkpoint truncated to half its bytes before submit",
+                 outcome="checkpoint job moved it to .corrupt, fetched a fresh copy, verified it; run complete",
+                 commands="none (the same submit)", images_redone=0, rois_redone=0, data_lost=0)
+
+
+def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(retry_after_s=0), server_class=Flaky,
+                                 source_dir=PARITY / "images")
+    Flaky.broken = {json.loads(ann.read_text())["images"][1]["file_name"]}  # shard 1 fails: work is left to do
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    run_dir = tmp_path / "run"
+    assert cli("submit", "--profile", str(profile)).returncode == 0
+    wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] == 1)
+    markers = mtimes(run_dir / "download", "*.done")
+    scripts = len(list((run_dir / "logs").rglob("*_submission.sh")))
+
+    run_json = run_dir / "run.json"
+    run_json.write_text('{"cluster": "slurm", "stag')  # cut short
+    for damage in ("corrupt", "missing"):
+        proc = cli("submit", "--profile", str(profile))
+        assert proc.returncode == 1 and f"run.json is {damage}" in proc.stderr and "Nothing was submitted" in proc.stderr
+        assert f"exactly: python -m fathompipe.submit --profile {profile} --rebuild-state" in proc.stderr
+        assert len(list((run_dir / "logs").rglob("*_submission.sh"))) == scripts  # no duplicate submission
+        run_json.unlink(missing_ok=True)
+    status = cli("status", "--run-dir", str(run_dir))
+    assert status.returncode == 1 and "--rebuild-state" in status.stderr
+
+    Flaky.broken = set()
+    proc = cli("submit", "--profile", str(profile), "--rebuild-state")
+    assert proc.returncode == 0 and "rebuilt the state" in proc.stdout, proc.stdout + proc.stderr
+    assert "download: submitted 1 task(s)" in proc.stdout and "checkpoint: nothing to do" in proc.stdout
+    assert all_done(wait_status(run_dir, settled))
+    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+    redone = rewritten(markers, run_dir / "download")
+    assert not redone
+    drill.update(fault="run.json cut short, then deleted, with a failed shard still to redo",
+                 outcome="submit refused both times naming the fix, nothing submitted; --rebuild-state "
+                         "checked squeue, resumed from the markers; run complete",
+                 commands="submit --rebuild-state", images_redone=0, rois_redone=0, data_lost=0)
+
+
+def test_database_unreachable_when_evaluate_starts(slurm, fiftyone_db, tmp_path, fake_fathomnet, parity_copy, drill):
+    from fathompipe.mongod import PrivateMongod
+
+    down = PrivateMongod()
+    port = down.port
+    down.stop()  # the database the profile names is now unreachable
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(), source_dir=PARITY / "images")
+    profile = write_profile(tmp_path, ann, parity_copy, "slurm")
+    uri = f"mongodb://127.0.0.1:{port}"
+    run_dir = tmp_path / "run"
+    assert cli("submit", "--profile", str(profile), f"evaluate.database_uri={uri}").returncode == 0
+    stages = wait_status(run_dir, lambda s: settled(s) and s["evaluate"]["failed"] == 1)
+    assert stages["infer"]["done"] == 1
+    assert f"cannot reach the MongoDB at {uri}" in stages["evaluate"]["failures"][0]["last_line"]
+    assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
+    assert (run_dir / "evaluate/test/report.html").exists()  # the report did not wait for the database
+
+    up = PrivateMongod(port=port)  # the database is back
+    try:
+        parts = run_dir / "infer/test/predictions.parts"
+        before = mtimes(parts, "*.npz")
+        proc = cli("resubmit", "--run-dir", str(run_dir))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "infer: nothing to do" in proc.stdout and "evaluate: submitted 1 task(s)" in proc.stdout
+        assert all_done(wait_status(run_dir, settled))
+        redone = rewritten(before, parts)
+        assert not redone
+    finally:
+        up.stop()
+    drill.update(fault="FiftyOne's MongoDB down when the evaluate job starts",
+                 outcome="report written anyway; status: evaluate FAILED with 'cannot reach the MongoDB', "
+                         "resubmit named; resubmit ran evaluate only; run complete",
+                 commands="resubmit", images_redone=0, rois_redone=len(redone), data_lost=0)
