@@ -10,7 +10,8 @@ pixels, differing only where the reference crashes or is silent:
 - crops that the reference's numpy slicing makes empty (boxes beyond the image) or very large
   (negative slice ends for boxes far above or left of it) give the reference's result, on purpose,
   and are reported per ROI;
-- the whole-image context is identical for every ROI of an image, so it is resized once per image.
+- the whole-image context is identical for every ROI of an image, so it is resized once per image,
+  as is any other window that repeats (a large box's 5x context is the whole image).
 
 Workers hand uint8 HWC crops to the model; normalization (`normalize_uint8`) runs on the device as
 a lookup table that is bit-identical to the reference's float64 rescale then float32 normalize.
@@ -145,19 +146,22 @@ def crop_image(path: str | Path, bboxes: Sequence[Sequence[float]]) -> ImageCrop
     whole_crops: List[np.ndarray] = []
     whole_index = np.empty(n, np.int64)
     notes: List[str] = []
+    resized: dict[Tuple[int, int, int, int], np.ndarray] = {}  # equal windows give equal pixels: resize once
     for i, bbox in enumerate(bboxes):
         why: List[str] = []
         for name, win in roi_windows(bbox, height, width).items():
             crop = _window(arr, *win)
             why.append(_describe(name, win, crop))
+            if win not in resized:  # e.g. a large box's 5x context is the whole image
+                resized[win] = _resize(crop)[0]
             if name == "env-1":
                 if win not in wholes:
                     wholes[win] = len(whole_crops)
-                    whole_crops.append(_resize(crop)[0])
+                    whole_crops.append(resized[win])
                 whole_index[i] = wholes[win]
             else:
                 target = obj if name == "obj" else env[int(name[3:])]
-                target[i] = _resize(crop)[0]
+                target[i] = resized[win]
         notes.append("; ".join(w for w in why if w))
     env[-1] = np.stack(whole_crops) if whole_crops else np.empty((0, CROP, CROP, 3), np.uint8)
     return ImageCrops(obj, env, whole_index, notes, image_note)
