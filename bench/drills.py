@@ -30,7 +30,7 @@ def main() -> int:
         records = json.loads(report.read_text()) if report.exists() else []
     print("\n## bench/drills.py: failure drills on the real Slurm\n")
     print("\n".join(drill_table(records)))
-    clean = [r for r in records if r.get("images_redone") == 0 and r.get("rois_redone") == 0 and r.get("data_lost") == 0]
+    clean = [r for r in records if all(r.get(k) == 0 for k in ("images_redone", "rois_redone", "data_lost"))]
     print(f"\n{len(records)} drills; {len(clean)} recovered with nothing redone and nothing lost; "
           f"pytest exit status {proc.returncode}")
     return proc.returncode

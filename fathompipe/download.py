@@ -21,9 +21,9 @@ import os
 import random
 import signal
 import sys
+import multiprocessing as mp
 import threading
 import time
-import multiprocessing as mp
 from dataclasses import asdict, dataclass
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
@@ -46,8 +46,8 @@ MIN_IMAGES_PER_PROCESS = 16  # below this a shard is not worth another process
 
 
 # The DownloadConfig fields that shape one shard's run (the rest is Slurm's business).
-OPTION_FIELDS = ("concurrency", "per_host", "processes", "connect_timeout_s", "read_timeout_s", "max_attempts", "backoff_base_s",
-                 "backoff_max_s", "naming")
+OPTION_FIELDS = ("concurrency", "per_host", "processes", "connect_timeout_s", "read_timeout_s", "max_attempts",
+                 "backoff_base_s", "backoff_max_s", "naming")
 
 
 @dataclass
@@ -200,7 +200,8 @@ class Downloader:
         error = verify_image(path, image.width, image.height)
         if error is None:
             st = path.stat()
-            return ImageRecord(image.id, str(path), "ok", st.st_size, file_sha256(path), 0, "", "adopted", st.st_mtime_ns)
+            return ImageRecord(image.id, str(path), "ok", st.st_size, file_sha256(path), 0, "", "adopted",
+                               st.st_mtime_ns)
         print(f"replacing invalid {path}: {error}", file=sys.stderr, flush=True)
         path.unlink(missing_ok=True)
         return None
@@ -224,7 +225,10 @@ class Downloader:
             if expected is not None and size != expected:
                 raise TransientError(f"short body: {size} of {expected} bytes")
             # a PNG (FathomNet's format) was checked while streaming; anything else is decoded fully
-            error = png.verdict(image.width, image.height) if png.is_png else verify_image(tmp, image.width, image.height)
+            if png.is_png:
+                error = png.verdict(image.width, image.height)
+            else:
+                error = verify_image(tmp, image.width, image.height)
             if error is not None:
                 raise TransientError(error)
             os.replace(tmp, path)
@@ -421,15 +425,21 @@ def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, 
     recorded, todo = [], []
     for image in images:
         rec = _still_recorded(image, images_dir / image.local_name(o.naming), previous.get(image.id))
-        recorded.append(rec) if rec is not None else todo.append(image)
+        if rec is not None:
+            recorded.append(rec)
+        else:
+            todo.append(image)
     n = process_count(o, len(todo))
     downloader = Downloader(images_dir, o, -(-o.concurrency // n), -(-o.per_host // n))
 
     with contextlib.ExitStack() as stack:
-        processes = stack.enter_context(DownloadProcesses(downloader, [todo[i::n] for i in range(n)])) if n > 1 else None
+        groups = [todo[i::n] for i in range(n)]
+        # the processes start before tqdm's monitor thread exists, so they can be forked
+        processes = stack.enter_context(DownloadProcesses(downloader, groups)) if n > 1 else None
         log = stack.enter_context(open(files.records, "a"))
-        bar = stack.enter_context(tqdm(total=len(images), desc=f"download {files.key}", unit="img", disable=not progress,
-                                       mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True))
+        bar = stack.enter_context(tqdm(total=len(images), desc=f"download {files.key}", unit="img",
+                                       disable=not progress, dynamic_ncols=True,
+                                       mininterval=1.0 if sys.stderr.isatty() else 30.0))
 
         def on_record(rec: ImageRecord) -> None:
             log.write(json.dumps(vars(rec)) + "\n")

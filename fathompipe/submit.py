@@ -53,8 +53,9 @@ def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> Ru
     except (OSError, subprocess.SubprocessError) as exc:
         raise SubmitError(f"cannot list the queue to check for jobs of this run ({exc}); not rebuilding") from None
     if live:
-        raise SubmitError(f"refusing to rebuild {paths.run_json}: job(s) {', '.join(live[:5])} of this run are still "
-                          f"queued or running. Wait for them (squeue) or cancel them (scancel), then rerun this command.")
+        raise SubmitError(f"refusing to rebuild {paths.run_json}: job(s) {', '.join(live[:5])} of this run are "
+                          f"still queued or running. Wait for them (squeue) or cancel them (scancel), then rerun "
+                          f"this command.")
     if paths.run_json.exists():
         os.replace(paths.run_json, paths.run_json.with_name("run.json.damaged"))
     if not paths.config.exists():

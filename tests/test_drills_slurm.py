@@ -170,7 +170,8 @@ def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_c
     run_json.write_text('{"cluster": "slurm", "stag')  # cut short
     for damage in ("corrupt", "missing"):
         proc = cli("submit", "--profile", str(profile))
-        assert proc.returncode == 1 and f"run.json is {damage}" in proc.stderr and "Nothing was submitted" in proc.stderr
+        assert proc.returncode == 1 and f"run.json is {damage}" in proc.stderr
+        assert "Nothing was submitted" in proc.stderr
         assert f"exactly: python -m fathompipe.submit --profile {profile} --rebuild-state" in proc.stderr
         assert len(list((run_dir / "logs").rglob("*_submission.sh"))) == scripts  # no duplicate submission
         run_json.unlink(missing_ok=True)
