@@ -62,6 +62,11 @@ def settled(stages: Dict[str, Dict]) -> bool:
     return all(s["running"] == 0 and s["pending"] == 0 for s in stages.values())
 
 
+def all_done(stages: Dict[str, Dict]) -> bool:
+    """Every task of every stage has its completion marker."""
+    return all(s["done"] == s["tasks"] for s in stages.values())
+
+
 def squeue_jobs(name_prefix: str) -> List[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if name_prefix in ln]

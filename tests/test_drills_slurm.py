@@ -17,14 +17,10 @@ import pytest
 from conftest import DATA, PARITY
 from fathompipe.fakeserver import Faults
 from test_pipeline_slurm import Flaky
-from pipeline_helpers import (EXPECTED_SUBMISSION, cli, job_logs, mtimes, rewritten, settled, squeue_jobs,
-                              status_json, task_job, wait_for, wait_status, write_profile)
+from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, job_logs, mtimes, rewritten, settled, status_json,
+                              task_job, wait_for, wait_status, write_profile)
 
 pytestmark = pytest.mark.drill
-
-
-def all_done(stages: dict) -> bool:
-    return all(s["done"] == s["tasks"] for s in stages.values())
 
 
 def test_download_shard_killed_mid_way(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
@@ -108,14 +104,12 @@ def test_inference_reaches_its_time_limit_then_user_scancel(slurm, tmp_path, fak
     assert "download: nothing to do" in proc.stdout
     job = task_job(run_dir, "infer", "test/0")
 
-    def finished_releasing_holds() -> bool:  # the resubmitted job may meet its time limit too
+    def settled_releasing_holds(stages: dict) -> bool:  # the resubmitted job may meet its time limit too
         if held_after_requeue(job):
             release(job)
-        stages = status_json(run_dir)["stages"]
-        return all(s["running"] == 0 and s["pending"] == 0 for s in stages)
+        return settled(stages)
 
-    wait_for(finished_releasing_holds, "the resubmitted run to finish", timeout=900, every=2)
-    assert all_done({s["stage"]: s for s in status_json(run_dir)["stages"]})
+    assert all_done(wait_status(run_dir, settled_releasing_holds, timeout=900))
     redone = rewritten(before_cancel, parts)  # before_limit is a subset of before_cancel
     rois_redone = sum(len(np.load(parts / n)["annotation_id"]) for n in redone if (parts / n).exists())
     csv = (run_dir / "infer/test/predictions.csv").read_text().splitlines()[1:]

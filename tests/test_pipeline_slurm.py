@@ -8,8 +8,8 @@ import pytest
 
 from conftest import PARITY
 from fathompipe.fakeserver import FakeFathomNet, Faults
-from pipeline_helpers import (EXPECTED_SUBMISSION, cli, mtimes, settled, squeue_jobs, status_json, wait_status,
-                              write_profile)
+from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, mtimes, settled, squeue_jobs, status_json,
+                              wait_status, write_profile)
 
 
 class Flaky(FakeFathomNet):
@@ -59,7 +59,7 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     assert proc.returncode == 0, proc.stderr
     assert "download: submitted 1 task(s)" in proc.stdout and "checkpoint: nothing to do" in proc.stdout
     stages = wait_status(run_dir, lambda s: settled(s))
-    assert all(s["done"] == s["tasks"] for s in stages.values()), stages
+    assert all_done(stages), stages
     assert status_json(run_dir)["next"] == "all stages complete"
 
     predictions = run_dir / "infer" / "test" / "predictions.csv"
@@ -96,7 +96,7 @@ def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy,
     proc = cli("resubmit", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     stages = wait_status(run_dir, settled)
-    assert all(s["done"] == s["tasks"] for s in stages.values()), stages
+    assert all_done(stages), stages
     assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
     refetched = sum(server.requests[n] - c for n, c in on_disk.items())
     assert refetched == 0
