@@ -47,7 +47,8 @@ async def main():
         await asyncio.gather(*(one(im) for im in ann["images"]))
 t0 = time.perf_counter()
 asyncio.run(main())
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_mb}))
 '''
 
 FATHOMPIPE = r'''
@@ -149,7 +150,8 @@ def main() -> None:
         r = dict(sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2], peak_mb=max(r["peak_mb"] for r in rs))
         print(f"| {'clean' if faults == 'none' else 'faults'} | {name} | {r.get('processes', 1)} | "
               f"{r['servable'] / r['seconds']:.1f} | "
-              f"{r['mb'] / r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['intact']}/{r['servable']} | {r['corrupt_kept']} |")
+              f"{r['mb'] / r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['intact']}/{r['servable']} | "
+              f"{r['corrupt_kept']} |")
 
 
 if __name__ == "__main__":

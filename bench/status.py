@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     run_dir = work / "status-bench"
     overrides = [f"run_dir={run_dir}", "cluster=slurm", f"download.num_shards={args.shards}",
-                 f"data.test.annotations={SHARED / 'data/fathomnet2025/dataset_test.json'}",
+                 f"data.test.annotations={ROOT / 'fathompipe/data/dataset_test.json'}",
                  f"data.test.images_dir={work / 'images'}", f"checkpoint.path={work / 'none.ckpt'}",
                  "download.resources.extra={begin: now+1hour}", "checkpoint.resources.extra={begin: now+1hour}",
                  "infer.resources.mem_gb=2"]

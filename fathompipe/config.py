@@ -208,7 +208,8 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     _check(i.num_workers >= 0, source, "infer.num_workers", i.num_workers, "must be 0 or more")
     _check(i.shards >= 1, source, "infer.shards", i.shards, "must be at least 1")
     if i.encoder_config:
-        _check(Path(i.encoder_config).is_file(), source, "infer.encoder_config", i.encoder_config, "file does not exist")
+        _check(Path(i.encoder_config).is_file(), source, "infer.encoder_config", i.encoder_config,
+               "file does not exist")
     e = cfg.evaluate
     _check(bool(re.fullmatch(r"[A-Za-z0-9_]+", e.eval_key)), source, "evaluate.eval_key", e.eval_key,
            "letters, digits and _ only (FiftyOne stores it as a field name)")

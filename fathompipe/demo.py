@@ -20,6 +20,7 @@ from .fakeserver import FakeFathomNet, Faults, ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
+MODEL = ROOT / "tests" / "fixtures" / "parity-golden"  # the tiny checkpoint, one copy for the demo and the tests
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: List[str] | None = None) -> int:
     checkpoint = run_dir / "checkpoint" / "model.ckpt"
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(DEMO / "model.ckpt", checkpoint)
+        shutil.copyfile(MODEL / "model.ckpt", checkpoint)
     faults = Faults.realistic(retry_after_s=0, missing=0.0) if args.faults else Faults()
     from . import submit
 
@@ -45,7 +46,7 @@ def main(argv: List[str] | None = None) -> int:
         rc = submit.main(["--profile", str(ROOT / "jobs" / "demo.yaml"), f"run_dir={run_dir}",
                           f"data.train.annotations={annotations}", f"data.train.images_dir={run_dir / 'images'}",
                           f"checkpoint.path={checkpoint}",
-                          f"infer.encoder_config={DEMO / 'tiny_dinov2_config.json'}"])
+                          f"infer.encoder_config={MODEL / 'tiny_dinov2_config.json'}"])
     if rc != 0:
         print(f"demo: a stage failed; see the message above, then rerun `python -m fathompipe.demo` "
               f"(finished work is kept) or `python -m fathompipe.status --run-dir {run_dir}`", file=sys.stderr)

@@ -46,7 +46,8 @@ def job_states(state: RunState, paths: RunPaths, job_ids: Optional[List[str]] = 
         return query_states(ids)
     states: Dict[str, str] = {}
     for stage in state.stages:
-        states.update(local_states(paths.logs(stage), [j for j in ids if j in state.stage(stage).latest_jobs().values()]))
+        states.update(local_states(paths.logs(stage),
+                                   [j for j in ids if j in state.stage(stage).latest_jobs().values()]))
     return states
 
 

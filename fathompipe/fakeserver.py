@@ -3,7 +3,8 @@
 Used by the tests, the download benchmark and the offline demo. It serves the files of one folder
 at `/images/<name>` and injects, per request, 503s and 429s with Retry-After, dropped connections,
 short bodies, corrupt 200 bodies, stalls and permanent 404s. Faults are drawn from a seeded RNG
-keyed by (path, attempt), so a run is reproducible.
+keyed by (path, attempt), so a run is reproducible. `log` records every answer (the failure drills
+count the images fetched again from it).
 
     python -m fathompipe.fakeserver --dir D --port 8765 [--latency-ms 20] [--faults realistic]
 """
@@ -17,7 +18,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from aiohttp import web
 
@@ -45,13 +46,23 @@ class Faults:
         return cls(**{**mix, **kw})
 
 
+@dataclass(frozen=True)
+class Served:
+    """One answer of the server: the file, the HTTP status, and whether its whole intact body went out."""
+
+    name: str
+    status: int
+    complete: bool
+
+
 class FakeFathomNet:
-    """The aiohttp application plus request counters the tests read."""
+    """The aiohttp application plus the request counters and the request log the tests read."""
 
     def __init__(self, directory: str | Path, faults: Faults = Faults()):
         self.directory = Path(directory)
         self.faults = faults
         self.requests: Counter[str] = Counter()
+        self.log: List[Served] = []  # appended by the server's thread only; readers take len() first
         self.app = web.Application()
         self.app.router.add_get("/images/{name}", self.handle)
 
@@ -80,12 +91,13 @@ class FakeFathomNet:
             await asyncio.sleep(self.faults.latency_s)
         path = self.directory / name
         if not path.is_file() or self.is_missing(name):
+            self.log.append(Served(name, 404, False))
             return web.Response(status=404, text="not found")
         fault = self._draw(name, attempt)
-        if fault == "http_503":
-            return web.Response(status=503, headers={"Retry-After": str(self.faults.retry_after_s)})
-        if fault == "http_429":
-            return web.Response(status=429, headers={"Retry-After": str(self.faults.retry_after_s)})
+        if fault in ("http_503", "http_429"):
+            status = 503 if fault == "http_503" else 429
+            self.log.append(Served(name, status, False))
+            return web.Response(status=status, headers={"Retry-After": str(self.faults.retry_after_s)})
         body = path.read_bytes()
         if fault == "short":
             body = body[: len(body) // 2]
@@ -101,9 +113,11 @@ class FakeFathomNet:
                 await asyncio.sleep(self.faults.stall_s)
             assert request.transport is not None
             request.transport.close()
+            self.log.append(Served(name, 200, False))
             return resp
         await resp.write(body)
         await resp.write_eof()
+        self.log.append(Served(name, 200, fault is None))
         return resp
 
 

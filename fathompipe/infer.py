@@ -113,10 +113,13 @@ class BatchDataset(Dataset):
             notes += [("; ".join(n for n in (crops.image_note, note) if n)) for note in crops.notes]
 
         def cat(parts: List[np.ndarray]) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, 256, 256, 3), dtype=torch.uint8)
+            if not parts:
+                return torch.empty((0, 256, 256, 3), dtype=torch.uint8)
+            return torch.from_numpy(np.concatenate(parts))
 
         return {"index": index, "obj": cat(obj), "env3": cat(env3), "env5": cat(env5), "whole": cat(whole),
-                "whole_index": torch.from_numpy(np.concatenate(whole_index)) if whole_index else torch.empty(0, dtype=torch.long),
+                "whole_index": (torch.from_numpy(np.concatenate(whole_index)) if whole_index
+                                else torch.empty(0, dtype=torch.long)),
                 "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
 
 

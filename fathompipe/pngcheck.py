@@ -82,5 +82,7 @@ class PngStream:
         if not self.ended:
             return "truncated PNG: no IEND chunk"
         if self.size != (width, height):
-            return f"image is {self.size[0]}x{self.size[1]}, annotations say {width}x{height}" if self.size else "no IHDR"
+            if not self.size:
+                return "no IHDR"
+            return f"image is {self.size[0]}x{self.size[1]}, annotations say {width}x{height}"
         return None

@@ -229,7 +229,8 @@ def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, im
                     f"(competition score; 0 best, 12 worst)</div><p>accuracy {m['accuracy']:.3f} over "
                     f"{m['n_annotations']} annotations; {m['n_missing_predictions']} missing predictions and "
                     f"{m['n_unknown_names']} unknown names scored 12.</p>")
-        sections += [f"<h2>Accuracy per rank</h2><table><tr><th>rank</th><th>accuracy</th><th>n</th></tr>{ranks}</table>",
+        sections += [f"<h2>Accuracy per rank</h2><table><tr><th>rank</th><th>accuracy</th><th>n</th></tr>{ranks}"
+                     "</table>",
                      f"<h2>Most confused pairs</h2><p>All pairs: <a href=confusions.csv>confusions.csv</a>; "
                      f"per class: <a href=per_class.csv>per_class.csv</a>.</p><table><tr><th>true</th>"
                      f"<th>predicted</th><th>count</th><th>distance</th></tr>{pairs}</table>",

@@ -26,7 +26,8 @@ class SlimFiles:
     @classmethod
     def beside(cls, checkpoint: Path) -> "SlimFiles":
         stem = checkpoint.name.removesuffix(".ckpt")
-        return cls(checkpoint.with_name(f"{stem}.inference.safetensors"), checkpoint.with_name(f"{stem}.inference.json"))
+        return cls(checkpoint.with_name(f"{stem}.inference.safetensors"),
+                   checkpoint.with_name(f"{stem}.inference.json"))
 
 
 def fingerprint(path: Path) -> Dict[str, int]:

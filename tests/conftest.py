@@ -1,5 +1,6 @@
-"""Shared fixtures: the read-only reference data, a real Slurm, and a fake FathomNet server.
+"""Shared fixtures: the reference data in the repository, a real Slurm, and a fake FathomNet server.
 
+Every file a test reads lives in this repository (a fresh clone runs the suite with nothing beside it).
 In CI (CI=true) a missing Slurm is an error, never a skip: .ci/run brings it up first.
 """
 from __future__ import annotations
@@ -15,15 +16,9 @@ from typing import Dict, Iterator, List
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
-DATA = SHARED / "data" / "fathomnet2025"
-PARITY = SHARED / "fixtures" / "parity-golden"
+DATA = ROOT / "fathompipe" / "data"  # the FathomNet 2025 files: package data, and test oracles (its README.md)
+PARITY = ROOT / "tests" / "fixtures" / "parity-golden"  # the winner's own outputs on a tiny checkpoint (README.md)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not DATA.exists():
-        raise pytest.UsageError(f"reference data not found at {SHARED}; set FATHOMPIPE_SHARED")
 
 
 def slurm_ready() -> str:

@@ -1,8 +1,10 @@
 """Failure drills on the real Slurm: inject what clusters do to jobs, then status, then one command.
 
 Each drill checks that `status` says what happened and what to do, that one command completes the
-run, and measures what was redone and what was lost; the `drill` fixture collects the figures
-for the reliability table (printed after the tests, and by bench/drills.py).
+run, and measures what was redone and what was lost from evidence (tests/drill_evidence.py: the
+stand-in server's request log, the part files, the final outputs against the source and a clean run);
+the `drill` fixture collects the figures for the reliability table (printed after the tests, and by
+bench/drills.py).
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import DATA, PARITY
+from drill_evidence import clean_run, data_lost, images_redone, rois_redone, snapshot
 from fathompipe.fakeserver import Faults
 from test_pipeline_slurm import Flaky
 from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, job_logs, mtimes, rewritten, settled, status_json,
@@ -36,19 +38,20 @@ def test_download_shard_killed_mid_way(slurm, tmp_path, fake_fathomnet, parity_c
     failure = stages["download"]["failures"][0]
     assert failure["task"] == "test/1" and stages["infer"]["done"] == 0
     assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
-    on_disk = {n: server.requests[n] for n in mtimes(images, "*.png")}
+    at_fault = snapshot(server, images, run_dir)
 
     proc = cli("resubmit", "--run-dir", str(run_dir))
     assert proc.returncode == 0 and "download: submitted 1 task(s)" in proc.stdout, proc.stdout + proc.stderr
     assert all_done(wait_status(run_dir, settled))
-    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
-    refetched = sum(server.requests[n] - c for n, c in on_disk.items())
-    corrupt = [n for n in mtimes(images, "*.png") if (images / n).read_bytes() != (server.directory / n).read_bytes()]
-    assert refetched == 0 and not corrupt and not list(images.glob(".*.part"))
+    predictions = run_dir / "infer/test/predictions.csv"
+    counts = dict(images_redone=images_redone(server, at_fault), rois_redone=rois_redone(at_fault, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), images, server.directory, predictions,
+                                      EXPECTED_SUBMISSION))
+    assert not any(counts.values()) and not list(images.glob(".*.part")), counts
     drill.update(fault="SIGKILL to a running download array task (scancel --signal=KILL)",
                  outcome=f"status: shard {failure['state']}, resubmit named; resubmit reran that shard only; "
                          "run complete",
-                 commands="resubmit", images_redone=refetched, rois_redone=0, data_lost=len(corrupt))
+                 commands="resubmit", **counts)
 
 
 def doubled_test_split(path: Path) -> Path:
@@ -87,13 +90,14 @@ def test_inference_reaches_its_time_limit_then_user_scancel(slurm, tmp_path, fak
              ["stages"], "the infer job id")
     job = task_job(run_dir, "infer", "test/0")
     wait_for(lambda: held_after_requeue(job), "Slurm's time-limit warning and the requeue", timeout=600, every=1)
-    before_limit = mtimes(parts, "*.npz")
+    at_limit = snapshot(server, tmp_path / "images", run_dir)
     release(job)
-    wait_for(lambda: len(mtimes(parts, "*.npz")) >= len(before_limit) + 5, "inference to resume", timeout=300)
-    assert f"{len(before_limit)} already done" in job_logs(run_dir, "infer")
-    assert not rewritten(before_limit, parts)
+    wait_for(lambda: len(mtimes(parts, "*.npz")) >= len(at_limit.parts) + 5, "inference to resume", timeout=300)
+    assert f"{len(at_limit.parts)} already done" in job_logs(run_dir, "infer")
+    redone_after_limit = rois_redone(at_limit, run_dir)
+    assert redone_after_limit == 0
 
-    before_cancel = mtimes(parts, "*.npz")  # the user now cancels the job by hand
+    at_cancel = snapshot(server, tmp_path / "images", run_dir)  # the user now cancels the job by hand
     subprocess.run(["scancel", job], check=True)
     stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["failed"] == 1)
     assert stages["infer"]["failures"][0]["state"] == "CANCELLED" and stages["evaluate"]["done"] == 0
@@ -110,20 +114,21 @@ def test_inference_reaches_its_time_limit_then_user_scancel(slurm, tmp_path, fak
         return settled(stages)
 
     assert all_done(wait_status(run_dir, settled_releasing_holds, timeout=900))
-    redone = rewritten(before_cancel, parts)  # before_limit is a subset of before_cancel
-    rois_redone = sum(len(np.load(parts / n)["annotation_id"]) for n in redone if (parts / n).exists())
-    csv = (run_dir / "infer/test/predictions.csv").read_text().splitlines()[1:]
-    skipped = (run_dir / "infer/test/predictions.skipped.csv").read_text().splitlines()[1:]
-    lost = len(json.loads(ann.read_text())["annotations"]) - len(csv) - len(skipped)
+    predictions = run_dir / "infer/test/predictions.csv"
+    clean = clean_run(parity_copy, ann, tmp_path / "images", tmp_path / "clean", PARITY / "tiny_dinov2_config.json")
+    counts = dict(images_redone=images_redone(server, at_limit),
+                  rois_redone=redone_after_limit + rois_redone(at_cancel, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), tmp_path / "images", server.directory, predictions,
+                                      clean))
     requeues = job_logs(run_dir, "infer").count("Job has timed out")
-    assert not redone and lost == 0 and requeues >= 1
+    assert not any(counts.values()) and requeues >= 1, counts
+    rois = len(predictions.read_text().splitlines()) - 1
     drill.update(fault="the inference job reaches its 2-minute time limit (Slurm's own USR2 warning), "
                        "then the user scancels it",
                  outcome=f"{requeues} requeue(s), each resumed after the last finished batch (first after "
-                         f"{len(before_limit)}); status: CANCELLED, resubmit named; resubmit resumed after "
-                         f"{len(before_cancel)} of {len(csv)} ROIs",
-                 commands="none for the time limit; resubmit after scancel", images_redone=0,
-                 rois_redone=rois_redone, data_lost=lost)
+                         f"{len(at_limit.parts)} batches); status: CANCELLED, resubmit named; resubmit resumed "
+                         f"after {len(at_cancel.parts)} batches of {rois} ROIs",
+                 commands="none for the time limit; resubmit after scancel", **counts)
 
 
 def test_truncated_checkpoint(slurm, tmp_path, fake_fathomnet, drill):
@@ -136,17 +141,22 @@ def test_truncated_checkpoint(slurm, tmp_path, fake_fathomnet, drill):
     checkpoint.write_bytes(good[: len(good) // 2])  # a copy cut short
     profile = write_profile(tmp_path, ann, checkpoint, "slurm")
     run_dir = tmp_path / "run"
+    at_fault = snapshot(server, tmp_path / "images", run_dir)  # the fault is there before the run starts
     assert cli("submit", "--profile", str(profile), f"checkpoint.url={mirror}").returncode == 0
 
     assert all_done(wait_status(run_dir, settled))
-    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
+    predictions = run_dir / "infer/test/predictions.csv"
+    counts = dict(images_redone=images_redone(server, at_fault), rois_redone=rois_redone(at_fault, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), tmp_path / "images", server.directory, predictions,
+                                      EXPECTED_SUBMISSION))
+    assert not any(counts.values()), counts
     assert checkpoint.read_bytes() == good and server.requests["model.ckpt"] == 1
     assert (tmp_path / "ckpt/model.ckpt.corrupt").stat().st_size == len(good) // 2  # kept, not deleted
     log = job_logs(run_dir, "checkpoint")
     assert "truncated or corrupt" in log and "model.ckpt.corrupt" in log
     drill.update(fault="checkpoint truncated to half its bytes before submit",
                  outcome="checkpoint job moved it to .corrupt, fetched a fresh copy, verified it; run complete",
-                 commands="none (the same submit)", images_redone=0, rois_redone=0, data_lost=0)
+                 commands="none (the same submit)", **counts)
 
 
 def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_copy, drill):
@@ -157,6 +167,7 @@ def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_c
     run_dir = tmp_path / "run"
     assert cli("submit", "--profile", str(profile)).returncode == 0
     wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] == 1)
+    at_fault = snapshot(server, tmp_path / "images", run_dir)
     markers = mtimes(run_dir / "download", "*.done")
     scripts = len(list((run_dir / "logs").rglob("*_submission.sh")))
 
@@ -177,13 +188,16 @@ def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_c
     assert proc.returncode == 0 and "rebuilt the state" in proc.stdout, proc.stdout + proc.stderr
     assert "download: submitted 1 task(s)" in proc.stdout and "checkpoint: nothing to do" in proc.stdout
     assert all_done(wait_status(run_dir, settled))
-    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
-    redone = rewritten(markers, run_dir / "download")
-    assert not redone
+    assert not rewritten(markers, run_dir / "download")
+    predictions = run_dir / "infer/test/predictions.csv"
+    counts = dict(images_redone=images_redone(server, at_fault), rois_redone=rois_redone(at_fault, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), tmp_path / "images", server.directory, predictions,
+                                      EXPECTED_SUBMISSION))
+    assert not any(counts.values()), counts
     drill.update(fault="run.json cut short, then deleted, with a failed shard still to redo",
                  outcome="submit refused both times naming the fix, nothing submitted; --rebuild-state "
                          "checked squeue, resumed from the markers; run complete",
-                 commands="submit --rebuild-state", images_redone=0, rois_redone=0, data_lost=0)
+                 commands="submit --rebuild-state", **counts)
 
 
 def test_database_unreachable_when_evaluate_starts(slurm, fiftyone_db, tmp_path, fake_fathomnet, parity_copy, drill):
@@ -205,17 +219,19 @@ def test_database_unreachable_when_evaluate_starts(slurm, fiftyone_db, tmp_path,
 
     up = PrivateMongod(port=port)  # the database is back
     try:
-        parts = run_dir / "infer/test/predictions.parts"
-        before = mtimes(parts, "*.npz")
+        at_fault = snapshot(server, tmp_path / "images", run_dir)
         proc = cli("resubmit", "--run-dir", str(run_dir))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "infer: nothing to do" in proc.stdout and "evaluate: submitted 1 task(s)" in proc.stdout
         assert all_done(wait_status(run_dir, settled))
-        redone = rewritten(before, parts)
-        assert not redone
     finally:
         up.stop()
+    predictions = run_dir / "infer/test/predictions.csv"
+    counts = dict(images_redone=images_redone(server, at_fault), rois_redone=rois_redone(at_fault, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), tmp_path / "images", server.directory, predictions,
+                                      EXPECTED_SUBMISSION))
+    assert not any(counts.values()), counts
     drill.update(fault="FiftyOne's MongoDB down when the evaluate job starts",
                  outcome="report written anyway; status: evaluate FAILED with 'cannot reach the MongoDB', "
                          "resubmit named; resubmit ran evaluate only; run complete",
-                 commands="resubmit", images_redone=0, rois_redone=len(redone), data_lost=0)
+                 commands="resubmit", **counts)

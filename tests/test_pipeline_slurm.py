@@ -7,8 +7,9 @@ import time
 import pytest
 
 from conftest import PARITY
+from drill_evidence import data_lost, images_redone, rois_redone, snapshot
 from fathompipe.fakeserver import FakeFathomNet, Faults
-from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, mtimes, settled, squeue_jobs, status_json,
+from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, settled, squeue_jobs, status_json,
                               wait_status, write_profile)
 
 
@@ -92,18 +93,19 @@ def test_user_cancel_then_resubmit(slurm, tmp_path, fake_fathomnet, parity_copy,
     assert stages["infer"]["done"] == 0 and "fathompipe.resubmit" in status_json(run_dir)["next"]
     state = json.loads((run_dir / "run.json").read_text())
     assert state["history"][-1]["action"] == "cancel"
-    on_disk = {n: server.requests[n] for n in mtimes(tmp_path / "images", "*.png")}
+    at_fault = snapshot(server, tmp_path / "images", run_dir)
     proc = cli("resubmit", "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     stages = wait_status(run_dir, settled)
     assert all_done(stages), stages
-    assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
-    refetched = sum(server.requests[n] - c for n, c in on_disk.items())
-    assert refetched == 0
+    predictions = run_dir / "infer/test/predictions.csv"
+    counts = dict(images_redone=images_redone(server, at_fault), rois_redone=rois_redone(at_fault, run_dir),
+                  data_lost=data_lost(json.loads(ann.read_text()), tmp_path / "images", server.directory, predictions,
+                                      EXPECTED_SUBMISSION))
+    assert not any(counts.values()), counts
     drill.update(fault="python -m fathompipe.cancel while the download array runs",
                  outcome="every queued and running job cancelled and recorded; status: CANCELLED, resubmit "
-                         "named; resubmit completed the run", commands="resubmit", images_redone=refetched,
-                 rois_redone=0, data_lost=0)
+                         "named; resubmit completed the run", commands="resubmit", **counts)
 
 
 def test_second_submit_refuses_while_work_is_queued(slurm, tmp_path, fake_fathomnet, parity_copy):
