@@ -259,8 +259,6 @@ def bench_parity_agreement(device: torch.device) -> None:
     """Agreement with fp32 on the parity fixture's trained tiny model (real preprocessing)."""
     from fathompipe.checkpoint import export_slim, load_model
     from fathompipe.infer import Predictor
-    if not (PARITY / "model.ckpt").exists():
-        return
     tmp = Path(tempfile.mkdtemp())
     (tmp / "model.ckpt").write_bytes((PARITY / "model.ckpt").read_bytes())
     slim = export_slim(tmp / "model.ckpt", PARITY / "tiny_dinov2_config.json")
