@@ -32,8 +32,8 @@ CELL = 12  # px per confusion-matrix cell: 79 classes make a 948 px square, labe
 LABEL_W = 185
 # count bins (lower bounds) for the colour scale: integers, roughly logarithmic
 BINS = (1, 2, 4, 10, 30, 100, 300, 1000)
-OFF_DIAGONAL = ("#fee8c8", "#fdd49e", "#fdbb84", "#fc8d59", "#ef6548", "#d7301f", "#b30000", "#7f0000")
-DIAGONAL = ("#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+OFF_DIAGONAL = ("#fdd0a2", "#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#a63603", "#7f2704", "#4a1a02")
+DIAGONAL = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b", "#041a3a")
 
 
 def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, images_dir: Optional[Path] = None,
@@ -128,10 +128,9 @@ def _matrix_html(names: List[str], cm: np.ndarray) -> str:
     parts = [f"<svg id=cm xmlns='http://www.w3.org/2000/svg' width={LABEL_W + side + 2} height={LABEL_W + side + 2} "
              f"font-size=11 font-family=sans-serif>",
              f"<g transform='translate({LABEL_W},{LABEL_W})'>",
-             f"<rect width={side} height={side} fill='#fafafa' stroke='#999' />"]
+             f"<rect width={side} height={side} fill='#fff' stroke='#999' />"]
     parts += [f"<rect x={i * CELL} y={i * CELL} width={CELL} height={CELL} fill=none stroke='#9ecae1' />"
               for i in range(k)]  # the diagonal stays visible where a class has no correct prediction
-    totals = cm.sum(axis=1)
     for i, j in zip(*np.nonzero(cm)):
         c = int(cm[i, j])
         parts.append(f"<rect x={j * CELL} y={i * CELL} width={CELL} height={CELL} "
@@ -141,12 +140,13 @@ def _matrix_html(names: List[str], cm: np.ndarray) -> str:
         if phylum[i] != phylum[i - 1]:
             parts.append(f"<line x1=0 y1={i * CELL} x2={side} y2={i * CELL} stroke='#555' stroke-width='0.8' />"
                          f"<line x1={i * CELL} y1=0 x2={i * CELL} y2={side} stroke='#555' stroke-width='0.8' />")
-    parts.append(f"<rect id=cmrow x=0 width=0 height={CELL} fill='#000' fill-opacity='0.1' pointer-events='none' />"
-                 f"<rect id=cmcol y=0 width={CELL} height=0 fill='#000' fill-opacity='0.1' pointer-events='none' /></g>")
+    band = "fill='#000' fill-opacity='0.1' pointer-events='none'"  # the row and column under the pointer
+    parts.append(f"<rect id=cmrow x=0 width=0 height={CELL} {band} /><rect id=cmcol y=0 width={CELL} height=0 {band} />"
+                 "</g>")
     for i, n in enumerate(names):
-        parts.append(f"<text class=rl x={LABEL_W - 4} y={LABEL_W + i * CELL + CELL - 2.5} text-anchor=end>{_e(n)}</text>")
-        parts.append(f"<text class=cl transform='translate({LABEL_W + i * CELL + CELL - 2.5},{LABEL_W - 4}) rotate(-90)'>"
-                     f"{_e(n)}</text>")
+        at = LABEL_W + i * CELL + CELL - 2.5  # text baseline inside row / column i
+        parts.append(f"<text class=rl x={LABEL_W - 4} y={at} text-anchor=end>{_e(n)}</text>")
+        parts.append(f"<text class=cl transform='translate({at},{LABEL_W - 4}) rotate(-90)'>{_e(n)}</text>")
     parts.append("</svg>")
     dist = [[distance(t, p) for p in names] for t in names]
     data = json.dumps({"names": names, "phylum": phylum, "cm": cm.tolist(), "dist": dist, "cell": CELL,
@@ -274,7 +274,8 @@ padding:6px 9px;font-size:13px;pointer-events:none;box-shadow:2px 2px 6px rgba(0
 SCRIPT = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
   const table = th.closest('table'), rows = Array.from(table.rows).slice(1);
-  const key = r => { const c = r.cells[col]; return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; };
+  const key = r => { const c = r.cells[col];
+    return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; };
   const dir = th.dataset.dir = th.dataset.dir === 'desc' ? 'asc' : 'desc';
   rows.sort((a, b) => { const x = key(a), y = key(b); const o = x < y ? -1 : x > y ? 1 : 0;
     return dir === 'asc' ? o : -o; });
@@ -289,14 +290,16 @@ if (svg && typeof CM !== 'undefined') {
     row.setAttribute('width', 0); colb.setAttribute('height', 0); tip.style.display = 'none'; last = [-1, -1]; };
   svg.addEventListener('mousemove', e => {
     const p = svg.getBoundingClientRect();
-    const j = Math.floor((e.clientX - p.left - CM.off) / CM.cell), i = Math.floor((e.clientY - p.top - CM.off) / CM.cell);
+    const j = Math.floor((e.clientX - p.left - CM.off) / CM.cell);
+    const i = Math.floor((e.clientY - p.top - CM.off) / CM.cell);
     if (i < 0 || j < 0 || i >= n || j >= n) { clear(); return; }
     if (i !== last[0] || j !== last[1]) { clear(); last = [i, j]; rl[i].classList.add('hl'); cl[j].classList.add('hl');
       row.setAttribute('y', i * CM.cell); row.setAttribute('width', n * CM.cell);
       colb.setAttribute('x', j * CM.cell); colb.setAttribute('height', n * CM.cell); }
     const c = CM.cm[i][j], total = CM.cm[i].reduce((a, b) => a + b, 0);
-    tip.innerHTML = '<b>true</b> ' + CM.names[i] + ' <span class=dim>(' + CM.phylum[i] + ')</span><br><b>predicted</b> ' +
-      CM.names[j] + ' <span class=dim>(' + CM.phylum[j] + ')</span><br>' + c + ' ROI' + (c === 1 ? '' : 's') +
+    tip.innerHTML = '<b>true</b> ' + CM.names[i] + ' <span class=dim>(' + CM.phylum[i] + ')</span><br>' +
+      '<b>predicted</b> ' + CM.names[j] + ' <span class=dim>(' + CM.phylum[j] + ')</span><br>' +
+      c + ' ROI' + (c === 1 ? '' : 's') +
       (total ? ' (' + (100 * c / total).toFixed(1) + '% of ' + total + ' ' + CM.names[i] + ')' : '') +
       '<br>hierarchical distance ' + CM.dist[i][j];
     tip.style.display = 'block';
