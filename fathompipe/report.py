@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -76,12 +77,25 @@ def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, im
                         f"<th>annotation</th><th>image file</th><th>why</th></tr>{rows}</table>")
     atomic.write_json(out / "metrics.json", m)
     extras = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in (extra or {}).items())
+    body, contents = _anchored("".join(sections))
     page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style></head>
-<body><h1>{_e(title)}</h1><ul class=extras>{extras}</ul>{''.join(sections)}
+<body><h1>{_e(title)}</h1><ul class=extras>{extras}</ul><p class=toc>{contents}</p>{body}
 <p>Numbers: <a href=metrics.json>metrics.json</a>; every ROI: <a href=rois.csv>rois.csv</a>.</p>
 <div id=tip></div><script>{SCRIPT}</script></body></html>"""
     atomic.write_text(out / "report.html", page)
     return out / "report.html"
+
+
+def _anchored(body: str) -> Tuple[str, str]:
+    """The body with an id on each section heading, and links to them (the page is long)."""
+    titles: List[str] = []
+
+    def anchor(match: "re.Match[str]") -> str:
+        titles.append(re.sub(r"<[^>]+>|:.*", "", match.group(1)))
+        return f"<h2 id=s{len(titles)}>{match.group(1)}</h2>"
+
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    return body, " · ".join(f"<a href=#s{i}>{_e(t)}</a>" for i, t in enumerate(titles, 1))
 
 
 def _headline_html(m: Dict[str, object]) -> str:
@@ -263,7 +277,7 @@ h2{margin-top:1.6em;border-bottom:1px solid #ddd} .cards{display:flex;flex-wrap:
 .card{border:1px solid #ccc;border-radius:6px;padding:10px 14px;width:300px} .big{font-size:2.2em;font-weight:bold}
 table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3} table.sortable th{cursor:pointer} table.sortable th:hover{background:#e4e4e4}
-.warn{background:#fff3cd;padding:1em} .dim{color:#777;font-size:0.85em} .extras{color:#555}
+.warn{background:#fff3cd;padding:1em} .toc{font-size:14px} .dim{color:#777;font-size:0.85em} .extras{color:#555}
 .row{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap} table.bars td.bar{width:260px;border:none}
 table.bars td.bar div{height:14px}
 .scroll{overflow:auto} .legend{margin:4px 0;font-size:13px} .sw{display:inline-block;width:16px;height:12px;
