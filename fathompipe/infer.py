@@ -8,7 +8,8 @@ ROIs are grouped by image into a fixed plan of batches; DataLoader workers decod
 cut all its crops; the whole-image context is encoded once per image. Every finished batch is saved
 atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
 where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
-are merged into OUT.csv (competition format) and OUT.parquet (confidence, top-5, logits).
+are merged into OUT.csv (competition format), OUT.parquet (confidence, top-5, logits) and
+OUT.embeddings.npz (per ROI, the vector the classifier head sees; `outputs.load_embeddings`).
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class Predictor:
-    """The model on a device at a precision; `__call__` maps a preprocessed batch to fp32 logits."""
+    """The model on a device at a precision; maps a preprocessed batch to fp32 logits and embeddings."""
 
     def __init__(self, model: FathomNetClassifier, device: torch.device, precision: str):
         self.model = model.to(device)
@@ -153,6 +154,12 @@ class Predictor:
             torch.backends.cudnn.allow_tf32 = allow
 
     def __call__(self, batch: Dict[str, object]) -> torch.Tensor:
+        """Logits only (the benchmarks compare these across precisions)."""
+        return self.predict(batch)[0]
+
+    def predict(self, batch: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, classes), embeddings (B, D)): the head's input comes from the same forward pass,
+        so saving it changes no logit."""
         def prep(key: str) -> torch.Tensor:
             t = batch[key]
             assert isinstance(t, torch.Tensor)
@@ -163,17 +170,20 @@ class Predictor:
         assert isinstance(whole_index, torch.Tensor)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
                                                     enabled=dtype is not None):
-            logits = self.model(prep("obj"), [prep("env3"), prep("env5"), prep("whole")],
-                                [None, None, whole_index.to(self.device, non_blocking=True)])
-        return logits.float().reshape(-1, logits.shape[-1]).cpu()
+            embeddings = self.model.embed(prep("obj"), [prep("env3"), prep("env5"), prep("whole")],
+                                          [None, None, whole_index.to(self.device, non_blocking=True)])
+            logits = self.model.classifier(embeddings)
+        return (logits.float().reshape(-1, logits.shape[-1]).cpu(),
+                embeddings.float().reshape(-1, embeddings.shape[-1]).cpu())
 
 
-def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor) -> None:
+def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor, embeddings: torch.Tensor) -> None:
     buf = io.BytesIO()
     skipped = batch["skipped"]
     assert isinstance(skipped, list)
     np.savez(buf, annotation_id=np.asarray(batch["annotation_id"], np.int64),
              image_id=np.asarray(batch["image_id"], np.int64), logits=logits.numpy().astype(np.float32),
+             embeddings=embeddings.numpy().astype(np.float32),
              note=np.asarray(batch["note"], dtype=str),
              skipped=np.asarray([json.dumps(s) for s in skipped], dtype=str))
     atomic.write_bytes(path, buf.getvalue())
@@ -211,8 +221,9 @@ def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, ou
                  mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         pending = []
         for batch in loader:
-            logits = predictor(batch) if batch["annotation_id"] else torch.empty((0, len(spec.class_names)))
-            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits))
+            logits, embeddings = predictor.predict(batch) if batch["annotation_id"] else (
+                torch.empty((0, len(spec.class_names))), torch.empty((0, spec.hidden_size)))
+            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits, embeddings))
             counts["rois"] += len(batch["annotation_id"])
             counts["skipped"] += len(batch["skipped"])
             bar.update(len(batch["annotation_id"]) + len(batch["skipped"]))
@@ -233,13 +244,15 @@ def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, ou
 
 def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], num_shards: int,
           split: str) -> Optional[Dict[str, int]]:
-    """Once every shard is done, write OUT.csv, OUT.parquet and OUT.skipped.csv atomically."""
+    """Once every shard is done, write OUT.parquet, OUT.embeddings.npz, OUT.skipped.csv and, last
+    (the stage's completion test), OUT.csv, each atomically."""
     out.parts.mkdir(parents=True, exist_ok=True)
     with open(out.parts / ".merge.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
             return None
         ids, image_ids, logits, notes, skipped = [], [], [], [], []
+        emb_ids, embeddings = [], []
         for part in sorted(out.parts.glob("shard*-batch*.npz")):
             with np.load(part) as z:
                 ids.append(z["annotation_id"])
@@ -247,6 +260,9 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
                 logits.append(z["logits"])
                 notes += z["note"].tolist()
                 skipped += [json.loads(s) for s in z["skipped"].tolist()]
+                if "embeddings" in z.files:  # parts written before embeddings were saved have none
+                    emb_ids.append(z["annotation_id"])
+                    embeddings.append(z["embeddings"])
         ann_id = np.concatenate(ids) if ids else np.empty(0, np.int64)
         order = np.argsort(ann_id, kind="stable")
         ann_id = ann_id[order]
@@ -260,8 +276,6 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
         top_p, top_i = probs.topk(min(TOPK, len(class_names)), dim=1)
         pred = names[top_i[:, 0].numpy()] if len(ann_id) else np.empty(0, str)
         labels = {a.id: dataset.categories[a.category_id] for a in dataset.annotations if a.category_id is not None}
-        csv = "annotation_id,concept_name\n" + "".join(f"{a},{_csv_field(n)}\n" for a, n in zip(ann_id.tolist(), pred))
-        atomic.write_text(out.csv, csv)
         table = pa.table({
             "annotation_id": pa.array(ann_id, pa.int64()),
             "image_id": pa.array(img, pa.int64()),
@@ -276,10 +290,25 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
         })
         with atomic.atomic_path(out.parquet) as tmp:
             pq.write_table(table, tmp)
+        n_embedded = _write_embeddings(out.embeddings, emb_ids, embeddings)
         skipped.sort()
         atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
                           "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
-        return {"predicted": len(ann_id), "skipped": len(skipped)}
+        csv = "annotation_id,concept_name\n" + "".join(f"{a},{_csv_field(n)}\n" for a, n in zip(ann_id.tolist(), pred))
+        atomic.write_text(out.csv, csv)
+        return {"predicted": len(ann_id), "skipped": len(skipped), "embedded": n_embedded}
+
+
+def _write_embeddings(path: Path, ids: List[np.ndarray], embeddings: List[np.ndarray]) -> int:
+    """OUT.embeddings.npz: `annotation_id` (ascending) and `embeddings` (N, D) float32, row i for id i."""
+    if not ids:
+        return 0
+    ann_id = np.concatenate(ids)
+    order = np.argsort(ann_id, kind="stable")
+    buf = io.BytesIO()
+    np.savez(buf, annotation_id=ann_id[order], embeddings=np.concatenate(embeddings)[order])
+    atomic.write_bytes(path, buf.getvalue())
+    return len(ann_id)
 
 
 def _csv_field(value: str) -> str:
@@ -312,7 +341,11 @@ def run(checkpoint: str | Path, annotations: str | Path, images_dir: str | Path,
     merged = merge(dataset, out, class_names, num_shards, split)
     if merged is not None:
         print(f"wrote {out.csv} and {out.parquet}: {merged['predicted']} predictions; "
-              f"{merged['skipped']} ROIs skipped (listed in {out.skipped})", flush=True)
+              f"{merged['skipped']} ROIs skipped (listed in {out.skipped}); embeddings in {out.embeddings}", flush=True)
+        if merged["embedded"] < merged["predicted"]:
+            print(f"note: {merged['predicted'] - merged['embedded']} predictions come from batches computed before "
+                  f"fathompipe saved embeddings and have none; for all of them, delete {out.parts} and rerun",
+                  flush=True)
     return merged
 
 

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .taxonomy import RANKS, load_taxonomy
+from .taxonomy import load_taxonomy
 
 MAX_DISTANCE = 12
 
@@ -36,12 +36,3 @@ def distance(truth: str, prediction: Optional[str]) -> int:
 def distances(truths: Sequence[str], predictions: Iterable[Optional[str]]) -> np.ndarray:
     return np.array([distance(t, p) for t, p in zip(truths, predictions)], dtype=np.int64)
 
-
-def same_rank(truth: str, prediction: Optional[str], rank: str) -> bool:
-    """Is the predicted taxon's `rank` slot filled and equal to the truth's? (per-rank accuracy)"""
-    taxonomy = load_taxonomy()
-    if prediction not in taxonomy:
-        return False
-    i = RANKS.index(rank)
-    a, b = taxonomy[truth].ranks[i], taxonomy[prediction].ranks[i]
-    return bool(a) and a == b

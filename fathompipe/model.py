@@ -173,11 +173,12 @@ class FathomNetClassifier(nn.Module):
         """Patch tokens after the final LayerNorm, (B, P, D); the context CLS is unused."""
         return self.img_vit_region_encoders[key](pixel_values=pixels).last_hidden_state[:, 1:, :]
 
-    def forward(self, obj: torch.Tensor, contexts: Sequence[torch.Tensor],
-                context_index: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
-        """Logits (B, classes). `contexts[i]` holds scale i's inputs; where `context_index[i]` is given,
-        contexts[i] has one row per distinct crop (the whole image, shared by an image's ROIs) and
-        the index picks each ROI's row, so each distinct crop is encoded once."""
+    def embed(self, obj: torch.Tensor, contexts: Sequence[torch.Tensor],
+              context_index: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """The vector the classifier head sees (B, D): the projected object and context features.
+        `contexts[i]` holds scale i's inputs; where `context_index[i]` is given, contexts[i] has one
+        row per distinct crop (the whole image, shared by an image's ROIs) and the index picks each
+        ROI's row, so each distinct crop is encoded once."""
         cls = self.encode_object(obj)
         feats = [cls.flatten(1)]
         for i, key in enumerate(self.spec.env_keys):
@@ -185,7 +186,12 @@ class FathomNetClassifier(nn.Module):
             if context_index is not None and context_index[i] is not None:
                 tokens = tokens[context_index[i]]
             feats.append(self.intra_env_attn_module[key](cls, tokens).flatten(1))
-        return self.classifier(self.concat_proj(torch.cat(feats, dim=1)))
+        return self.concat_proj(torch.cat(feats, dim=1))
+
+    def forward(self, obj: torch.Tensor, contexts: Sequence[torch.Tensor],
+                context_index: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """Logits (B, classes): the classifier head on `embed`."""
+        return self.classifier(self.embed(obj, contexts, context_index))
 
 
 # transformers 5 renamed DINOv2's attention projections; checkpoints use the 4.x names.

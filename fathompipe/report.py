@@ -1,184 +1,208 @@
-"""Scores, tables, plots and an HTML page for one split's predictions.
+"""The report of one split's scores: report.html (self-contained, readable offline) and CSVs.
 
-With labels: the competition score (mean hierarchical distance), accuracy overall and per rank,
-per-class precision/recall/F1/support, the confusion matrix in taxonomic order, the most confused
-pairs and the distribution of distances. Without labels (the official test split) no score exists:
-the report says so and shows what the model predicted instead.
+The page leads with the model's score over the ROIs it predicted, its coverage and the competition
+score; then a 79x79 confusion matrix drawn as inline SVG (hover names the pair, its count and
+distance; no network needed), the disagreements most likely to be label errors (highest
+mistakenness) with a crop and the image's file name, per-rank and per-class tables.
+Scores come from `scoring`; `evaluate`, `headline` and `load_predictions` are re-exported for evaluate.py.
 """
 from __future__ import annotations
 
 import html
-from collections import Counter
-from dataclasses import dataclass
+import json
+import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from . import atomic
 from .annotations import CocoDataset
-from .metric import MAX_DISTANCE, distances, same_rank
-from .taxonomy import RANKS, load_taxonomy, taxonomic_order
+from .metric import distance
+from .scoring import Evaluation, confusion_matrix, confusions, evaluate, headline, load_predictions, per_class
+from .taxonomy import RANKS, load_taxonomy
 
-N_DISAGREEMENTS = 50
+__all__ = ["Evaluation", "evaluate", "headline", "load_predictions", "write_report"]
 
-
-def load_predictions(path: str | Path) -> pd.DataFrame:
-    """annotation_id, concept_name and, from the parquet, confidence and top-5 (else NaN)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"predictions {path} do not exist (run the infer stage first)")
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    else:
-        df = pd.read_csv(path, dtype={"annotation_id": "int64", "concept_name": "string"}, keep_default_na=False)
-        if list(df.columns[:2]) != ["annotation_id", "concept_name"]:
-            raise ValueError(f"{path}: expected columns annotation_id,concept_name, got {list(df.columns)}")
-    if df["annotation_id"].duplicated().any():
-        dup = int(df["annotation_id"][df["annotation_id"].duplicated()].iloc[0])
-        raise ValueError(f"{path}: annotation_id {dup} appears more than once")
-    if "confidence" not in df:
-        df["confidence"] = np.nan
-    return df.set_index("annotation_id")
+N_CANDIDATES = 50  # label-error candidates listed (each gets a crop)
+N_NOT_PREDICTED = 20
+CROP_PX = 128  # side of a crop in the page
+CROP_CONTEXT_PX = 96  # smallest window cut around a ROI
+CELL = 12  # px per confusion-matrix cell: 79 classes make a 948 px square, labels at 11 px
+LABEL_W = 185
+# count bins (lower bounds) for the colour scale: integers, roughly logarithmic
+BINS = (1, 2, 4, 10, 30, 100, 300, 1000)
+OFF_DIAGONAL = ("#fdd0a2", "#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#a63603", "#7f2704", "#4a1a02")
+DIAGONAL = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b", "#041a3a")
 
 
-@dataclass
-class Evaluation:
-    metrics: Dict[str, object]
-    table: pd.DataFrame  # one row per annotation: truth, prediction, confidence, distance, image_id, bbox
-
-
-def evaluate(dataset: CocoDataset, predictions: pd.DataFrame) -> Evaluation:
-    taxonomy = load_taxonomy()
-    rows = []
-    for a in dataset.annotations:
-        pred = predictions["concept_name"].get(a.id)
-        rows.append({"annotation_id": a.id, "image_id": a.image_id, "bbox": a.bbox,
-                     "truth": dataset.categories[a.category_id] if a.category_id is not None else None,
-                     "prediction": None if pred is None or pd.isna(pred) else str(pred),
-                     "confidence": float(predictions["confidence"].get(a.id, np.nan))})
-    table = pd.DataFrame(rows)
-    predicted = table["prediction"].notna()
-    known = table["prediction"].isin(list(taxonomy))
-    metrics: Dict[str, object] = {
-        "n_annotations": len(table),
-        "n_predictions": int(predicted.sum()),
-        "n_missing_predictions": int((~predicted).sum()),
-        "n_unknown_names": int((predicted & ~known).sum()),
-        "n_extra_predictions": int(len(set(predictions.index) - set(table["annotation_id"]))),
-        "labelled": bool(table["truth"].notna().all()) and len(table) > 0,
-    }
-    counts = Counter(table.loc[predicted, "prediction"])
-    metrics["prediction_counts"] = dict(counts.most_common())
-    if not metrics["labelled"]:
-        metrics["note"] = ("no score can be computed: this split has no labels (category_id is null); "
-                           "the report shows the distribution of predictions instead")
-        return Evaluation(metrics, table)
-
-    table["distance"] = distances(table["truth"].tolist(), table["prediction"].tolist())
-    table["correct"] = table["truth"] == table["prediction"]
-    metrics["mean_hierarchical_distance"] = float(table["distance"].mean())
-    metrics["accuracy"] = float(table["correct"].mean())
-    metrics["distance_histogram"] = {str(d): int((table["distance"] == d).sum()) for d in range(MAX_DISTANCE + 1)}
-    per_rank = {}
-    for rank in RANKS[1:]:
-        has = table["truth"].map(lambda t: bool(taxonomy[t].at(rank)))
-        hits = [same_rank(t, p, rank) for t, p in zip(table.loc[has, "truth"], table.loc[has, "prediction"])]
-        per_rank[rank] = {"accuracy": float(np.mean(hits)) if hits else None, "n": int(has.sum())}
-    metrics["accuracy_per_rank"] = per_rank
-    metrics["per_class"] = per_class(table).set_index("name").to_dict(orient="index")
-    return Evaluation(metrics, table)
-
-
-def per_class(table: pd.DataFrame) -> pd.DataFrame:
-    from sklearn.metrics import precision_recall_fscore_support
-    names = taxonomic_order()
-    pred = table["prediction"].fillna("(none)")
-    p, r, f, s = precision_recall_fscore_support(table["truth"], pred, labels=names, zero_division=0)
-    mean_distance = table.groupby("truth")["distance"].mean()
-    return pd.DataFrame({"name": names, "precision": p, "recall": r, "f1": f, "support": s,
-                         "mean_distance": [float(mean_distance.get(n, np.nan)) for n in names]})
-
-
-def confusions(table: pd.DataFrame) -> pd.DataFrame:
-    wrong = table[~table["correct"]]
-    pairs = wrong.groupby(["truth", "prediction"], dropna=False).agg(
-        count=("annotation_id", "size"), distance=("distance", "first")).reset_index()
-    return pairs.sort_values(["count", "distance"], ascending=[False, False]).reset_index(drop=True)
-
-
-def _plots(ev: Evaluation, out: Path) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files: List[str] = []
+def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, images_dir: Optional[Path] = None,
+                 naming: str = "file_name", extra: Optional[Dict[str, str]] = None) -> Path:
+    """metrics.json, rois.csv, per_class.csv, confusions.csv, confusion_matrix.csv, crops/ and report.html."""
+    out.mkdir(parents=True, exist_ok=True)
     m = ev.metrics
+    table = ev.table
+    files = {im.id: im.local_name(naming) for im in dataset.images.values()}
+    rois = table.drop(columns=["bbox"]).assign(file_name=table["image_id"].map(files))
+    atomic.write_text(out / "rois.csv", rois.to_csv(index=False, float_format="%.6g"))
+    sections: List[str] = [_headline_html(m)]
+    not_predicted = table[table["prediction"].isna()]
     if m["labelled"]:
-        names = taxonomic_order()
-        index = {n: i for i, n in enumerate(names)}
-        cm = np.zeros((len(names), len(names)), np.int64)
-        for t, p in zip(ev.table["truth"], ev.table["prediction"]):
-            if p in index:
-                cm[index[t], index[p]] += 1
-        fig, ax = plt.subplots(figsize=(14, 12))
-        shown = np.where(cm > 0, cm, np.nan)
-        im = ax.imshow(shown, cmap="viridis", interpolation="nearest")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
-        ax.set_yticks(range(len(names)), names, fontsize=5)
-        ax.set_xlabel("predicted (taxonomic order)")
-        ax.set_ylabel("true (taxonomic order)")
-        ax.set_title("Confusion matrix: relatives sit next to each other")
-        fig.colorbar(im, ax=ax, shrink=0.6, label="annotations")
-        fig.tight_layout()
-        fig.savefig(out / "confusion_matrix.png", dpi=110)
-        plt.close(fig)
-        files.append("confusion_matrix.png")
-
-        ranks = [r for r in RANKS[1:] if m["accuracy_per_rank"][r]["accuracy"] is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        values = [m["accuracy_per_rank"][r]["accuracy"] for r in ranks]
-        ax.bar(ranks, values, color="#2a7fb8")
-        for i, v in enumerate(values):
-            ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=9)
-        ax.set_ylim(0, 1.08)
-        ax.set_ylabel("accuracy")
-        ax.set_title("Is the predicted taxon right at each rank?")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_per_rank.png", dpi=110)
-        plt.close(fig)
-        files.append("accuracy_per_rank.png")
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        hist = m["distance_histogram"]
-        ax.bar([int(k) for k in hist], list(hist.values()), color="#e07b39")
-        ax.set_xticks(range(MAX_DISTANCE + 1))
-        ax.set_xlabel("hierarchical distance (0 = exact, 12 = unrelated or missing)")
-        ax.set_ylabel("annotations")
-        ax.set_title(f"Distance distribution (mean {m['mean_hierarchical_distance']:.3f})")
-        fig.tight_layout()
-        fig.savefig(out / "distance_histogram.png", dpi=110)
-        plt.close(fig)
-        files.append("distance_histogram.png")
+        pc = per_class(table)
+        atomic.write_text(out / "per_class.csv", pc.to_csv(index=False, float_format="%.4f"))
+        conf = confusions(table)
+        atomic.write_text(out / "confusions.csv", conf.to_csv(index=False))
+        names, cm = confusion_matrix(table)
+        atomic.write_text(out / "confusion_matrix.csv", pd.DataFrame(cm, index=names, columns=names).to_csv())
+        sections.append(_matrix_html(names, cm))
+        sections.append(_candidates_html(table, dataset, images_dir, naming, out, m.get("mistakenness_from")))
+        sections.append(_ranks_html(m))
+        pairs = "".join(f"<tr><td>{_e(r.truth)}</td><td>{_e(r.prediction)}</td><td>{r.count}</td>"
+                        f"<td>{r.distance}</td></tr>" for r in conf.head(20).itertuples())
+        sections.append(f"<h2>Most confused pairs</h2><p>All pairs: <a href=confusions.csv>confusions.csv</a>; the "
+                        f"matrix: <a href=confusion_matrix.csv>confusion_matrix.csv</a>.</p><table><tr><th>true</th>"
+                        f"<th>predicted</th><th>count</th><th>distance</th></tr>{pairs}</table>")
+        sections.append(_per_class_html(pc))
     else:
         counts = m["prediction_counts"]
-        top = list(counts.items())[:40]
-        fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(top))))
-        ax.barh([n for n, _ in top][::-1], [c for _, c in top][::-1], color="#2a7fb8")
-        ax.set_xlabel("annotations")
-        ax.set_title("Predicted categories (no labels on this split)")
-        fig.tight_layout()
-        fig.savefig(out / "prediction_distribution.png", dpi=110)
-        plt.close(fig)
-        files.append("prediction_distribution.png")
-    return files
+        assert isinstance(counts, dict)
+        sections.append("<h2>What the model predicted</h2>"
+                        + _bars([(n, c, f"{c:,}") for n, c in counts.items()], "#2a7fb8", ("category", "ROIs")))
+    if len(not_predicted):
+        rows = "".join(f"<tr><td>{r.annotation_id}</td><td>{_e(files[r.image_id])}</td><td>{_e(r.not_predicted)}</td>"
+                       f"</tr>" for r in not_predicted.head(N_NOT_PREDICTED).itertuples())
+        sections.append(f"<h2>ROIs without a prediction ({len(not_predicted)})</h2><p>All of them, with every "
+                        f"score: <a href=rois.csv>rois.csv</a> (empty <code>prediction</code>).</p><table><tr>"
+                        f"<th>annotation</th><th>image file</th><th>why</th></tr>{rows}</table>")
+    atomic.write_json(out / "metrics.json", m)
+    extras = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in (extra or {}).items())
+    body, contents = _anchored("".join(sections))
+    page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style></head>
+<body><h1>{_e(title)}</h1><ul class=extras>{extras}</ul><p class=toc>{contents}</p>{body}
+<p>Numbers: <a href=metrics.json>metrics.json</a>; every ROI: <a href=rois.csv>rois.csv</a>.</p>
+<div id=tip></div><script>{SCRIPT}</script></body></html>"""
+    atomic.write_text(out / "report.html", page)
+    return out / "report.html"
 
 
-def _crops(ev: Evaluation, dataset: CocoDataset, images_dir: Optional[Path], naming: str, rows: pd.DataFrame,
+def _anchored(body: str) -> Tuple[str, str]:
+    """The body with an id on each section heading, and links to them (the page is long)."""
+    titles: List[str] = []
+
+    def anchor(match: "re.Match[str]") -> str:
+        titles.append(re.sub(r"<[^>]+>|:.*", "", match.group(1)))
+        return f"<h2 id=s{len(titles)}>{match.group(1)}</h2>"
+
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    return body, " · ".join(f"<a href=#s{i}>{_e(t)}</a>" for i, t in enumerate(titles, 1))
+
+
+def _headline_html(m: Dict[str, object]) -> str:
+    n, k = m["n_annotations"], m["n_predictions"]
+    why = m["not_predicted"]
+    assert isinstance(why, dict)
+    reasons = "; ".join(f"{c} {_e(r)}" for r, c in why.items())
+    cards = [(f"{100 * float(m['coverage']):.1f}%", f"coverage: {k:,} of {n:,} ROIs predicted"
+              + (f"<br>not predicted: {reasons}" if reasons else ""))]
+    if m["labelled"]:
+        own = m["predicted_only"]
+        assert isinstance(own, dict)
+        if own["n"]:
+            cards.insert(0, (f"{own['mean_hierarchical_distance']:.3f}",
+                             f"mean hierarchical distance over the {own['n']:,} ROIs predicted (0 best, 12 worst)"))
+            cards.insert(1, (f"{own['accuracy']:.3f}", "accuracy over the ROIs predicted"))
+        cards.append((f"{m['mean_hierarchical_distance']:.3f}",
+                      f"competition score over all {n:,} ROIs: a missing prediction scores 12 "
+                      f"({m['n_missing_predictions']:,} missing, {m['n_unknown_names']:,} unknown names)"))
+    body = "".join(f"<div class=card><div class=big>{v}</div><div>{t}</div></div>" for v, t in cards)
+    note = "" if m["labelled"] else f"<p class=warn>{_e(m['note'])}.</p>"
+    return f"{note}<div class=cards>{body}</div>"
+
+
+def _color(count: int, palette: Sequence[str]) -> str:
+    return palette[min(int(np.searchsorted(BINS, count, side="right")) - 1, len(palette) - 1)]
+
+
+def _legend(palette: Sequence[str], label: str) -> str:
+    edges = list(BINS[:len(palette)])
+    spans = [f"{a}" if b - a == 1 else f"{a}–{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    cells = "".join(f"<span class=sw style='background:{c}'></span><span class=lg>{s}</span>"
+                    for c, s in zip(palette, spans))
+    return f"<div class=legend><b>{label}</b> {cells}</div>"
+
+
+def _matrix_html(names: List[str], cm: np.ndarray) -> str:
+    """Inline SVG: one 12 px cell per (true, predicted) pair, diagonal in blue, confusions in red,
+    phylum boundaries as lines; the script shows the pair under the pointer (a <title> without it)."""
+    taxonomy = load_taxonomy()
+    k = len(names)
+    side = k * CELL
+    phylum = [taxonomy[n].at(RANKS[1]) for n in names]
+    parts = [f"<svg id=cm xmlns='http://www.w3.org/2000/svg' width={LABEL_W + side + 2} height={LABEL_W + side + 2} "
+             f"font-size=11 font-family=sans-serif>",
+             f"<g transform='translate({LABEL_W},{LABEL_W})'>",
+             f"<rect width={side} height={side} fill='#fff' stroke='#999' />"]
+    parts += [f"<rect x={i * CELL} y={i * CELL} width={CELL} height={CELL} fill=none stroke='#9ecae1' />"
+              for i in range(k)]  # the diagonal stays visible where a class has no correct prediction
+    for i, j in zip(*np.nonzero(cm)):
+        c = int(cm[i, j])
+        parts.append(f"<rect x={j * CELL} y={i * CELL} width={CELL} height={CELL} "
+                     f"fill='{_color(c, DIAGONAL if i == j else OFF_DIAGONAL)}'><title>true {_e(names[i])}, predicted "
+                     f"{_e(names[j])}: {c}</title></rect>")
+    for i in range(1, k):
+        if phylum[i] != phylum[i - 1]:
+            parts.append(f"<line x1=0 y1={i * CELL} x2={side} y2={i * CELL} stroke='#555' stroke-width='0.8' />"
+                         f"<line x1={i * CELL} y1=0 x2={i * CELL} y2={side} stroke='#555' stroke-width='0.8' />")
+    band = "fill='#000' fill-opacity='0.1' pointer-events='none'"  # the row and column under the pointer
+    parts.append(f"<rect id=cmrow x=0 width=0 height={CELL} {band} /><rect id=cmcol y=0 width={CELL} height=0 {band} />"
+                 "</g>")
+    for i, n in enumerate(names):
+        at = LABEL_W + i * CELL + CELL - 2.5  # text baseline inside row / column i
+        parts.append(f"<text class=rl x={LABEL_W - 4} y={at} text-anchor=end>{_e(n)}</text>")
+        parts.append(f"<text class=cl transform='translate({at},{LABEL_W - 4}) rotate(-90)'>{_e(n)}</text>")
+    parts.append("</svg>")
+    dist = [[distance(t, p) for p in names] for t in names]
+    data = json.dumps({"names": names, "phylum": phylum, "cm": cm.tolist(), "dist": dist, "cell": CELL,
+                       "off": LABEL_W}, separators=(",", ":"))
+    correct = int(np.trace(cm))
+    return (f"<h2>Confusion matrix</h2><p>Rows: the true class; columns: the predicted class; classes in taxonomic "
+            f"order, so relatives sit together (lines between phyla). Blue: correct ({correct:,} ROIs on the "
+            f"diagonal); red: confusions ({int(cm.sum()) - correct:,}). Point at a cell for the pair, its count and "
+            f"distance.</p>{_legend(DIAGONAL, 'correct')}{_legend(OFF_DIAGONAL, 'confused')}"
+            f"<div class=scroll>{''.join(parts)}</div><script>const CM={data};</script>")
+
+
+def _candidates_html(table: pd.DataFrame, dataset: CocoDataset, images_dir: Optional[Path], naming: str, out: Path,
+                     source: object) -> str:
+    wrong = table[table["prediction"].notna() & ~table["correct"]]
+    key = ["mistakenness", "confidence", "distance"] if source else ["confidence", "distance"]
+    top = wrong.sort_values(key, ascending=False, na_position="last").head(N_CANDIDATES)
+    crops = _crops(dataset, images_dir, naming, top, out)
+    rows = []
+    for r in top.itertuples():
+        name = dataset.images[r.image_id].local_name(naming)
+        path = images_dir / name if images_dir else None
+        link = f"<a href='{_e(path.resolve().as_uri())}'>{_e(name)}</a>" if path and path.exists() else _e(name)
+        crop = crops.get(r.annotation_id)
+        img = f"<img src={crop} alt='ROI {r.annotation_id}'>" if crop else "<span class=dim>(image not on disk)</span>"
+        rows.append(f"<tr><td>{img}</td><td>{link}<br><span class=dim>image {r.image_id}, ROI {r.annotation_id}"
+                    f"</span></td><td>{_e(r.truth)}</td><td>{_e(r.prediction)}</td>{_num(r.confidence)}"
+                    f"{_num(r.mistakenness)}<td data-v={r.distance}>{r.distance}</td></tr>")
+    how = ("mistakenness (FiftyOne Brain's definition, from the model's " + str(source) + "): near 1 when the model "
+           "confidently disagrees with the label" if source else "confidence (no logits or confidences to compute "
+           "mistakenness from)")
+    return (f"<h2>Label-error candidates: the {len(top)} disagreements most likely wrong in the ground truth</h2>"
+            f"<p>{len(wrong):,} predicted ROIs disagree with their label; ranked by {how}. Click a column to sort; "
+            f"every ROI with its scores: <a href=rois.csv>rois.csv</a>.</p><table class=sortable><tr><th>crop (box "
+            f"outlined)</th><th>image file</th><th>label</th><th>prediction</th><th>confidence</th>"
+            f"<th>mistakenness</th><th>distance</th></tr>{''.join(rows)}</table>")
+
+
+def _crops(dataset: CocoDataset, images_dir: Optional[Path], naming: str, rows: pd.DataFrame,
            out: Path) -> Dict[int, str]:
-    """A thumbnail of each listed ROI (with some context) where its image is on disk."""
-    from PIL import Image
+    """A thumbnail of each listed ROI with some context and its box outlined, where its image is on disk."""
+    from PIL import Image, ImageDraw
     found: Dict[int, str] = {}
     if images_dir is None:
         return found
@@ -188,82 +212,114 @@ def _crops(ev: Evaluation, dataset: CocoDataset, images_dir: Optional[Path], nam
         if not path.exists():
             continue
         x, y, w, h = row.bbox
-        pad = max(w, h) * 0.5
+        side = max(2 * max(w, h), CROP_CONTEXT_PX)  # a square: the box with its own size of context around it
+        left, top = int(x + w / 2 - side / 2), int(y + h / 2 - side / 2)
         try:
-            with Image.open(path) as im:
-                crop = im.convert("RGB").crop((int(x - pad), int(y - pad), int(x + w + pad), int(y + h + pad)))
-                crop.thumbnail((160, 160))
-                name = f"crops/{row.annotation_id}.jpg"
-                crop.save(out / name, quality=85)
-                found[row.annotation_id] = name
+            with Image.open(path) as im:  # black where the square leaves the image
+                crop = im.crop((left, top, left + int(side), top + int(side))).convert("RGB")
         except OSError:
             continue
+        scale = CROP_PX / int(side)  # small ROIs are enlarged, so every crop shows at the same size
+        crop = crop.resize((CROP_PX, CROP_PX), Image.BICUBIC)
+        box = [(x - left) * scale, (y - top) * scale, (x + w - left) * scale, (y + h - top) * scale]
+        ImageDraw.Draw(crop).rectangle(box, outline=(255, 220, 0), width=2)
+        name = f"crops/{row.annotation_id}.jpg"
+        with atomic.atomic_path(out / name) as tmp:
+            crop.save(tmp, format="JPEG", quality=85)
+        found[row.annotation_id] = name
     return found
 
 
-def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, images_dir: Optional[Path] = None,
-                 naming: str = "file_name", extra: Optional[Dict[str, str]] = None) -> Path:
-    """metrics.json, per_class.csv, confusions.csv, PNG plots and report.html in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    m = ev.metrics
-    plots = _plots(ev, out)
-    sections: List[str] = []
-    if m["labelled"]:
-        pc = per_class(ev.table)
-        atomic.write_text(out / "per_class.csv", pc.to_csv(index=False, float_format="%.4f"))
-        conf = confusions(ev.table)
-        atomic.write_text(out / "confusions.csv", conf.to_csv(index=False))
-        wrong = ev.table[~ev.table["correct"]].copy()
-        wrong = wrong.sort_values(["confidence", "distance"], ascending=[False, False], na_position="last")
-        top = wrong.head(N_DISAGREEMENTS)
-        crops = _crops(ev, dataset, images_dir, naming, top, out)
-        rows = "".join(
-            f"<tr><td>{r.annotation_id}</td><td>{_img(crops.get(r.annotation_id))}</td><td>{html.escape(str(r.truth))}</td>"
-            f"<td>{html.escape(str(r.prediction))}</td><td>{_fmt(r.confidence)}</td><td>{r.distance}</td></tr>"
-            for r in top.itertuples())
-        ranks = "".join(f"<tr><td>{k}</td><td>{_fmt(v['accuracy'])}</td><td>{v['n']}</td></tr>"
-                        for k, v in m["accuracy_per_rank"].items())
-        pairs = "".join(f"<tr><td>{html.escape(str(r.truth))}</td><td>{html.escape(str(r.prediction))}</td>"
-                        f"<td>{r.count}</td><td>{r.distance}</td></tr>" for r in conf.head(20).itertuples())
-        headline = (f"<div class=big>{m['mean_hierarchical_distance']:.3f}</div><div>mean hierarchical distance "
-                    f"(competition score; 0 best, 12 worst)</div><p>accuracy {m['accuracy']:.3f} over "
-                    f"{m['n_annotations']} annotations; {m['n_missing_predictions']} missing predictions and "
-                    f"{m['n_unknown_names']} unknown names scored 12.</p>")
-        sections += [f"<h2>Accuracy per rank</h2><table><tr><th>rank</th><th>accuracy</th><th>n</th></tr>{ranks}"
-                     "</table>",
-                     f"<h2>Most confused pairs</h2><p>All pairs: <a href=confusions.csv>confusions.csv</a>; "
-                     f"per class: <a href=per_class.csv>per_class.csv</a>.</p><table><tr><th>true</th>"
-                     f"<th>predicted</th><th>count</th><th>distance</th></tr>{pairs}</table>",
-                     f"<h2>The {len(top)} most confident disagreements (label-error candidates)</h2><table>"
-                     f"<tr><th>annotation</th><th>crop</th><th>label</th><th>prediction</th><th>confidence</th>"
-                     f"<th>distance</th></tr>{rows}</table>"]
-    else:
-        headline = f"<p class=warn>{html.escape(str(m['note']))}.</p><p>{m['n_predictions']} predictions for " \
-                   f"{m['n_annotations']} annotations.</p>"
-    atomic.write_json(out / "metrics.json", m)
-    extras = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in (extra or {}).items())
-    images = "".join(f"<img src={p} alt={p}>" for p in plots)
-    page = f"""<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>
-body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}} .big{{font-size:3em;font-weight:bold}}
-table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-img{{max-width:100%}} .warn{{background:#fff3cd;padding:1em}}</style></head><body>
-<h1>{html.escape(title)}</h1>{headline}<ul>{extras}</ul>{images}{''.join(sections)}
-<p>Numbers: <a href=metrics.json>metrics.json</a></p></body></html>"""
-    atomic.write_text(out / "report.html", page)
-    return out / "report.html"
+def _bars(rows: Sequence[Tuple[str, float, str]], color: str, heads: Tuple[str, str]) -> str:
+    """A table of labelled horizontal bars (no plotting library, no image files)."""
+    top = max([v for _, v, _ in rows] + [1e-12])
+    body = "".join(f"<tr><td>{_e(label)}</td><td data-v={value}>{text}</td><td class=bar><div style='width:"
+                   f"{100 * value / top:.1f}%;background:{color}'></div></td></tr>" for label, value, text in rows)
+    return f"<table class=bars><tr><th>{heads[0]}</th><th>{heads[1]}</th><th></th></tr>{body}</table>"
+
+
+def _ranks_html(m: Dict[str, object]) -> str:
+    per_rank = m["accuracy_per_rank"]
+    hist = m["distance_histogram"]
+    assert isinstance(per_rank, dict) and isinstance(hist, dict)
+    ranks = _bars([(f"{k} (n={v['n']:,})", v["accuracy"], _fmt(v["accuracy"])) for k, v in per_rank.items()
+                   if v["accuracy"] is not None], "#2a7fb8", ("rank", "accuracy"))
+    dist = _bars([(k, c, f"{c:,}") for k, c in hist.items()], "#e07b39", ("distance", "ROIs"))
+    return (f"<h2>Accuracy per rank and distances</h2><div class=row><div><p>Is the predicted taxon right at each "
+            f"rank? (all ROIs)</p>{ranks}</div><div><p>Hierarchical distance per ROI (0 exact, 12 unrelated or "
+            f"missing)</p>{dist}</div></div>")
+
+
+def _per_class_html(pc: pd.DataFrame) -> str:
+    rows = "".join(f"<tr><td>{_e(r.name)}</td><td data-v={r.support}>{r.support:,}</td>{_num(r.precision)}"
+                   f"{_num(r.recall)}{_num(r.f1)}{_num(r.mean_distance)}</tr>" for r in pc.itertuples())
+    return (f"<h2>Per class</h2><p>Taxonomic order; click a column to sort. Also <a href=per_class.csv>per_class.csv"
+            f"</a>.</p><table class=sortable><tr><th>class</th><th>ROIs</th><th>precision</th><th>recall</th>"
+            f"<th>F1</th><th>mean distance</th></tr>{rows}</table>")
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
 
 
 def _fmt(value: object) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
-def _img(src: Optional[str]) -> str:
-    return f"<img src={src} width=120>" if src else "(image not on disk)"
+def _num(value: object) -> str:
+    """A table cell whose sort key is the number itself (missing sorts last)."""
+    text = _fmt(value)
+    return f"<td data-v={'-1' if text == '-' else f'{value:.6f}'}>{text}</td>"
 
 
-def headline(metrics: Dict[str, object]) -> str:
-    if metrics.get("labelled"):
-        return (f"mean hierarchical distance {metrics['mean_hierarchical_distance']:.3f}, accuracy "
-                f"{metrics['accuracy']:.3f} over {metrics['n_annotations']} annotations")
-    return f"{metrics['n_predictions']} predictions; {metrics['note']}"
+CSS = """body{font-family:sans-serif;max-width:1400px;margin:1.5em auto;color:#222;padding:0 1em}
+h2{margin-top:1.6em;border-bottom:1px solid #ddd} .cards{display:flex;flex-wrap:wrap;gap:12px;margin:1em 0}
+.card{border:1px solid #ccc;border-radius:6px;padding:10px 14px;width:300px} .big{font-size:2.2em;font-weight:bold}
+table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3} table.sortable th{cursor:pointer} table.sortable th:hover{background:#e4e4e4}
+.warn{background:#fff3cd;padding:1em} .toc{font-size:14px} .dim{color:#777;font-size:0.85em} .extras{color:#555}
+.row{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap} table.bars td.bar{width:260px;border:none}
+table.bars td.bar div{height:14px}
+.scroll{overflow:auto} .legend{margin:4px 0;font-size:13px} .sw{display:inline-block;width:16px;height:12px;
+margin:0 2px 0 8px;vertical-align:middle;border:1px solid #bbb} .lg{vertical-align:middle}
+#cm text.hl{font-weight:bold;fill:#c00} #tip{position:fixed;display:none;background:#fff;border:1px solid #888;
+padding:6px 9px;font-size:13px;pointer-events:none;box-shadow:2px 2px 6px rgba(0,0,0,.25);max-width:420px}"""
 
+SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
+  const table = th.closest('table'), rows = Array.from(table.rows).slice(1);
+  const key = r => { const c = r.cells[col];
+    return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; };
+  const dir = th.dataset.dir = th.dataset.dir === 'desc' ? 'asc' : 'desc';
+  rows.sort((a, b) => { const x = key(a), y = key(b); const o = x < y ? -1 : x > y ? 1 : 0;
+    return dir === 'asc' ? o : -o; });
+  rows.forEach(r => table.tBodies[0].appendChild(r));
+}));
+const svg = document.getElementById('cm'), tip = document.getElementById('tip');
+if (svg && typeof CM !== 'undefined') {
+  const rl = svg.querySelectorAll('text.rl'), cl = svg.querySelectorAll('text.cl'), n = CM.names.length;
+  const row = document.getElementById('cmrow'), colb = document.getElementById('cmcol');
+  let last = [-1, -1];
+  const clear = () => { if (last[0] >= 0) { rl[last[0]].classList.remove('hl'); cl[last[1]].classList.remove('hl'); }
+    row.setAttribute('width', 0); colb.setAttribute('height', 0); tip.style.display = 'none'; last = [-1, -1]; };
+  svg.addEventListener('mousemove', e => {
+    const p = svg.getBoundingClientRect();
+    const j = Math.floor((e.clientX - p.left - CM.off) / CM.cell);
+    const i = Math.floor((e.clientY - p.top - CM.off) / CM.cell);
+    if (i < 0 || j < 0 || i >= n || j >= n) { clear(); return; }
+    if (i !== last[0] || j !== last[1]) { clear(); last = [i, j]; rl[i].classList.add('hl'); cl[j].classList.add('hl');
+      row.setAttribute('y', i * CM.cell); row.setAttribute('width', n * CM.cell);
+      colb.setAttribute('x', j * CM.cell); colb.setAttribute('height', n * CM.cell); }
+    const c = CM.cm[i][j], total = CM.cm[i].reduce((a, b) => a + b, 0);
+    tip.innerHTML = '<b>true</b> ' + CM.names[i] + ' <span class=dim>(' + CM.phylum[i] + ')</span><br>' +
+      '<b>predicted</b> ' + CM.names[j] + ' <span class=dim>(' + CM.phylum[j] + ')</span><br>' +
+      c + ' ROI' + (c === 1 ? '' : 's') +
+      (total ? ' (' + (100 * c / total).toFixed(1) + '% of ' + total + ' ' + CM.names[i] + ')' : '') +
+      '<br>hierarchical distance ' + CM.dist[i][j];
+    tip.style.display = 'block';
+    tip.style.left = Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 8) + 'px';
+    tip.style.top = (e.clientY + 14) + 'px';
+  });
+  svg.addEventListener('mouseleave', clear);
+}
+"""

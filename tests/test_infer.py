@@ -13,9 +13,12 @@ import numpy as np
 import PIL
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import PARITY, ROOT
-from fathompipe.infer import OutputFiles, run
+from fathompipe.checkpoint import load_model
+from fathompipe.infer import OutputFiles, run, slim_files
+from fathompipe.outputs import load_embeddings
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
 EXPECTED_LOGITS = np.load(PARITY / ("expected_logits_pillow13.npy" if PILLOW13 else "expected_logits.npy"))
@@ -36,7 +39,7 @@ def infer(parity_copy: Path, out: Path, images: Path = PARITY / "images", **kw) 
 
 def test_fp32_cpu_matches_the_winners_logits(parity_copy, tmp_path):
     out = tmp_path / "pred.csv"
-    assert infer(parity_copy, out) == {"predicted": 30, "skipped": 0}
+    assert infer(parity_copy, out) == {"predicted": 30, "skipped": 0, "embedded": 30}
     logits = logits_by_annotation(out.with_suffix(".parquet"))
     assert np.abs(logits - EXPECTED_LOGITS).max() < 1e-4
     assert (logits.argmax(1) == EXPECTED_LOGITS.argmax(1)).all()
@@ -47,6 +50,22 @@ def test_fp32_cpu_matches_the_winners_logits(parity_copy, tmp_path):
     row = table.iloc[0]
     assert row.top5_names[0] == row.concept_name and abs(row.top5_scores[0] - row.confidence) < 1e-7
     assert len(row.logits) == 79 and table.annotation_id.is_monotonic_increasing
+
+
+def test_embeddings_are_the_classifier_heads_input(parity_copy, tmp_path):
+    """One row per predicted ROI, keyed by annotation id; the head applied to them gives the logits back."""
+    out = tmp_path / "pred.csv"
+    infer(parity_copy, out, batch_size=7)
+    ids, emb = load_embeddings(OutputFiles(out).embeddings)
+    table = pq.read_table(out.with_suffix(".parquet")).to_pandas()
+    assert ids.tolist() == table.annotation_id.tolist() and emb.dtype == np.float32
+    model, spec = load_model(slim_files(parity_copy, ENCODER))
+    assert emb.shape == (30, spec.hidden_size) and np.isfinite(emb).all() and emb.std(axis=0).min() > 0
+    with torch.inference_mode():
+        head = model.eval().classifier(torch.from_numpy(emb)).numpy()
+    assert np.abs(head - np.stack(table.logits.to_numpy())).max() < 1e-5
+    by_id = dict(zip(ids.tolist(), head))
+    assert np.abs(np.stack([by_id[a] for a in ANN_IDS]) - EXPECTED_LOGITS).max() < 1e-4  # the winner's logits
 
 
 @pytest.mark.parametrize("batch_size, workers", [(1, 0), (7, 2), (64, 1)])
@@ -67,7 +86,8 @@ def test_missing_and_unreadable_images_are_skipped_and_listed(parity_copy, tmp_p
     out = tmp_path / "pred.csv"
     result = infer(parity_copy, out, images=images)
     lost = {a["id"] for a in data["annotations"] if a["image_id"] in (gone["id"], broken["id"])}
-    assert result == {"predicted": 30 - len(lost), "skipped": len(lost)}
+    assert result == {"predicted": 30 - len(lost), "skipped": len(lost), "embedded": 30 - len(lost)}
+    assert not set(load_embeddings(OutputFiles(out).embeddings)[0].tolist()) & lost
     skipped = OutputFiles(out).skipped.read_text().splitlines()
     assert skipped[0] == "annotation_id,image_id,reason" and len(skipped) == 1 + len(lost)
     assert any("image missing" in s for s in skipped) and any("image unreadable" in s for s in skipped)
@@ -101,6 +121,8 @@ def test_resume_after_interruption_equals_one_uninterrupted_run(parity_copy, tmp
     assert out.read_text() == whole.read_text()
     assert np.array_equal(logits_by_annotation(out.with_suffix(".parquet")),
                           logits_by_annotation(whole.with_suffix(".parquet")))
+    for a, b in zip(load_embeddings(OutputFiles(out).embeddings), load_embeddings(OutputFiles(whole).embeddings)):
+        assert np.array_equal(a, b)
 
 
 def test_cli_errors_are_one_line(parity_copy, tmp_path, run_cli):

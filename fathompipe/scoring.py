@@ -1,0 +1,216 @@
+"""Scores for one split's predictions: the per-ROI table, the metrics, per-class results, confusions.
+
+With labels: the competition score (mean hierarchical distance, a missing prediction counted as 12)
+beside the model's own score over the ROIs it predicted and the coverage (which ROIs were not
+predicted, and why, from the infer stage's OUT.skipped.csv), accuracy overall and per rank,
+per-class precision/recall/F1, and per ROI the mistakenness of its ground truth (FiftyOne Brain's
+definition). Without labels (the official test split) no score exists: only coverage and counts.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from .annotations import CocoDataset
+from .metric import MAX_DISTANCE, distances
+from .outputs import OutputFiles
+from .taxonomy import RANKS, load_taxonomy, taxonomic_order
+
+NOT_IN_FILE = "no prediction in the predictions file"
+
+
+def load_predictions(path: str | Path) -> pd.DataFrame:
+    """annotation_id (index), concept_name and, from the parquet, confidence, top-5 and logits
+    (confidence NaN for a CSV). `attrs["skipped"]` maps each ROI the infer stage skipped to its reason,
+    read from the OUT.skipped.csv beside the predictions when there is one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"predictions {path} do not exist (run the infer stage first)")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, dtype={"annotation_id": "int64", "concept_name": "string"}, keep_default_na=False)
+        if list(df.columns[:2]) != ["annotation_id", "concept_name"]:
+            raise ValueError(f"{path}: expected columns annotation_id,concept_name, got {list(df.columns)}")
+    if df["annotation_id"].duplicated().any():
+        dup = int(df["annotation_id"][df["annotation_id"].duplicated()].iloc[0])
+        raise ValueError(f"{path}: annotation_id {dup} appears more than once")
+    if "confidence" not in df:
+        df["confidence"] = np.nan
+    df = df.set_index("annotation_id")
+    df.attrs["skipped"] = load_skipped(OutputFiles(path.with_suffix(".csv")).skipped)
+    return df
+
+
+def load_skipped(path: Path) -> Dict[int, str]:
+    """annotation_id -> reason from an OUT.skipped.csv; empty when there is none."""
+    if not path.exists():
+        return {}
+    table = pd.read_csv(path, dtype={"annotation_id": "int64", "reason": "string"}, keep_default_na=False)
+    if list(table.columns) != ["annotation_id", "image_id", "reason"]:
+        raise ValueError(f"{path}: expected columns annotation_id,image_id,reason, got {list(table.columns)}")
+    return dict(zip(table["annotation_id"].tolist(), table["reason"].tolist()))
+
+
+def mistakenness(logits: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """FiftyOne Brain's classification mistakenness with logits, per row: (m * exp(-H(softmax)) + 1) / 2,
+    m = +1 where the prediction disagrees with the label, -1 where it agrees. A confident disagreement
+    scores near 1 (likely a label error), a confident agreement near 0, an uncertain model near 0.5."""
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    p /= p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return (np.where(correct, -1.0, 1.0) * np.exp(-entropy) + 1.0) / 2.0
+
+
+def mistakenness_from_confidence(confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """The Brain's fallback without logits: (m * confidence + 1) / 2."""
+    return (np.where(correct, -1.0, 1.0) * np.asarray(confidence, np.float64) + 1.0) / 2.0
+
+
+@dataclass
+class Evaluation:
+    metrics: Dict[str, object]
+    # one row per annotation: annotation_id, image_id, bbox, truth, prediction, confidence, not_predicted
+    # (the reason, '' when predicted) and, with labels, distance, correct and mistakenness
+    table: pd.DataFrame
+
+
+def evaluate(dataset: CocoDataset, predictions: pd.DataFrame) -> Evaluation:
+    taxonomy = load_taxonomy()
+    anns = dataset.annotations
+    ids = [a.id for a in anns]
+    pred = predictions["concept_name"].reindex(ids)
+    skipped: Dict[int, str] = predictions.attrs.get("skipped", {})
+    table = pd.DataFrame({
+        "annotation_id": ids, "image_id": [a.image_id for a in anns], "bbox": [a.bbox for a in anns],
+        "truth": [dataset.categories[a.category_id] if a.category_id is not None else None for a in anns],
+        "prediction": [None if p is None or pd.isna(p) else str(p) for p in pred.tolist()],
+        "confidence": predictions["confidence"].reindex(ids).astype(float).to_numpy()})
+    predicted = table["prediction"].notna()
+    table["not_predicted"] = ["" if ok else skipped.get(a, NOT_IN_FILE) for a, ok in zip(ids, predicted)]
+    known = table["prediction"].isin(list(taxonomy))
+    n = len(table)
+    metrics: Dict[str, object] = {
+        "n_annotations": n,
+        "n_predictions": int(predicted.sum()),
+        "n_missing_predictions": int((~predicted).sum()),
+        "coverage": float(predicted.mean()) if n else 0.0,
+        "not_predicted": dict(Counter(r.split(":")[0] for r in table.loc[~predicted, "not_predicted"]).most_common()),
+        "n_unknown_names": int((predicted & ~known).sum()),
+        "n_extra_predictions": int(len(set(predictions.index) - set(ids))),
+        "labelled": bool(table["truth"].notna().all()) and n > 0,
+    }
+    metrics["prediction_counts"] = dict(Counter(table.loc[predicted, "prediction"]).most_common())
+    if not metrics["labelled"]:
+        metrics["note"] = ("no score can be computed: this split has no labels (category_id is null); "
+                           "the report shows the distribution of predictions instead")
+        return Evaluation(metrics, table)
+
+    table["distance"] = distances(table["truth"].tolist(), table["prediction"].tolist())
+    table["correct"] = table["truth"] == table["prediction"]
+    table["mistakenness"], metrics["mistakenness_from"] = _mistakenness(table, predictions)
+    metrics["mean_hierarchical_distance"] = float(table["distance"].mean())
+    metrics["accuracy"] = float(table["correct"].mean())
+    on_predicted = table[predicted]
+    metrics["predicted_only"] = {
+        "n": len(on_predicted),
+        "mean_hierarchical_distance": float(on_predicted["distance"].mean()) if len(on_predicted) else None,
+        "accuracy": float(on_predicted["correct"].mean()) if len(on_predicted) else None}
+    metrics["distance_histogram"] = {str(d): int((table["distance"] == d).sum()) for d in range(MAX_DISTANCE + 1)}
+    per_rank = {}
+    for rank in RANKS[1:]:  # is the predicted taxon's slot at this rank filled and equal to the truth's?
+        slot = {name: taxon.at(rank) for name, taxon in taxonomy.items()}
+        truth_slot = table["truth"].map(slot)
+        has = truth_slot != ""
+        hits = (truth_slot == table["prediction"].map(slot))[has]
+        per_rank[rank] = {"accuracy": float(hits.mean()) if len(hits) else None, "n": int(has.sum())}
+    metrics["accuracy_per_rank"] = per_rank
+    metrics["per_class"] = per_class(table).set_index("name").to_dict(orient="index")
+    wrong = table[predicted & ~table["correct"]]
+    metrics["n_disagreements"] = len(wrong)
+    metrics["n_disagreements_mistakenness_over_0.9"] = int((wrong["mistakenness"] > 0.9).sum())
+    return Evaluation(metrics, table)
+
+
+def _mistakenness(table: pd.DataFrame, predictions: pd.DataFrame) -> Tuple[np.ndarray, Optional[str]]:
+    """Per ROI from the logits where the predictions have them, else from the confidence; NaN for a ROI
+    without a prediction (the Brain would say 1.0: here that would only flag images that failed to download)."""
+    out = np.full(len(table), np.nan)
+    has = table["prediction"].notna().to_numpy()
+    if not has.any():
+        return out, None
+    ids = table.loc[has, "annotation_id"]
+    correct = table.loc[has, "correct"].to_numpy()
+    if "logits" in predictions:
+        logits = predictions["logits"].reindex(ids)
+        if logits.map(lambda v: v is not None and len(v) > 0).all():
+            out[has] = mistakenness(np.stack(logits.to_numpy()), correct)
+            return out, "logits"
+    confidence = table.loc[has, "confidence"].to_numpy()
+    if np.isnan(confidence).any():
+        return out, None
+    out[has] = mistakenness_from_confidence(confidence, correct)
+    return out, "confidence"
+
+
+def per_class(table: pd.DataFrame) -> pd.DataFrame:
+    """Precision, recall, F1 (0 where undefined), support and mean distance per class, in taxonomic order.
+    A ROI without a prediction counts against its class's recall."""
+    names = taxonomic_order()
+    support = table["truth"].value_counts().reindex(names, fill_value=0).to_numpy()
+    predicted = table["prediction"].value_counts().reindex(names, fill_value=0).to_numpy()
+    hits = table.loc[table["correct"], "truth"].value_counts().reindex(names, fill_value=0).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, hits / predicted, 0.0)
+        recall = np.where(support > 0, hits / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    mean_distance = table.groupby("truth")["distance"].mean()
+    return pd.DataFrame({"name": names, "precision": precision, "recall": recall, "f1": f1, "support": support,
+                         "mean_distance": [float(mean_distance.get(n, np.nan)) for n in names]})
+
+
+def confusions(table: pd.DataFrame) -> pd.DataFrame:
+    wrong = table[~table["correct"]]
+    pairs = wrong.groupby(["truth", "prediction"], dropna=False).agg(
+        count=("annotation_id", "size"), distance=("distance", "first")).reset_index()
+    return pairs.sort_values(["count", "distance"], ascending=[False, False]).reset_index(drop=True)
+
+
+def confusion_matrix(table: pd.DataFrame) -> Tuple[List[str], np.ndarray]:
+    """(names in taxonomic order, counts[true, predicted]) over the ROIs predicted with a known name."""
+    names = taxonomic_order()
+    index = {n: i for i, n in enumerate(names)}
+    cm = np.zeros((len(names), len(names)), np.int64)
+    rows = table["truth"].map(index)
+    cols = table["prediction"].map(index)
+    ok = rows.notna() & cols.notna()
+    np.add.at(cm, (rows[ok].astype(int).to_numpy(), cols[ok].astype(int).to_numpy()), 1)
+    return names, cm
+
+
+def headline(metrics: Dict[str, object]) -> str:
+    """One line: the model's score over what it predicted, its coverage, and the competition-rule score."""
+    n, k = metrics["n_annotations"], metrics["n_predictions"]
+    missing = metrics["n_missing_predictions"]
+    assert isinstance(n, int) and isinstance(k, int) and isinstance(missing, int)
+    why = metrics["not_predicted"]
+    assert isinstance(why, dict)
+    coverage = (f"{k} of {n} ROIs predicted ({100 * k / max(n, 1):.1f}%)"
+                + (f"; {missing} not: " + ", ".join(f"{c} {r}" for r, c in why.items()) if missing else ""))
+    if not metrics.get("labelled"):
+        return f"{coverage}; {metrics['note']}"
+    own = metrics["predicted_only"]
+    assert isinstance(own, dict)
+    if own["n"] == 0:
+        return f"{coverage}; competition rule (missing = 12): {metrics['mean_hierarchical_distance']:.3f}"
+    return (f"mean hierarchical distance {own['mean_hierarchical_distance']:.3f}, accuracy {own['accuracy']:.3f} "
+            f"over the ROIs predicted; {coverage}; competition rule (a missing prediction scores 12): "
+            f"{metrics['mean_hierarchical_distance']:.3f}")

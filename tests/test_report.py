@@ -1,0 +1,236 @@
+"""Scoring and the report: mistakenness as FiftyOne Brain defines it, the honest headline, a readable page."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import DATA, PARITY
+from fathompipe.annotations import load_coco
+from fathompipe.evaluate import run as evaluate_stage
+from fathompipe.infer import OutputFiles, run as infer
+from fathompipe.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
+                                mistakenness_from_confidence, per_class)
+from fathompipe.report import write_report
+from fathompipe.synthetic import train_like_coco
+from fathompipe.taxonomy import taxonomic_order
+
+
+def test_mistakenness_equals_fiftyone_brain(fiftyone_db):
+    """The Brain's compute_mistakenness on a classification dataset, with logits and with confidences."""
+    import fiftyone as fo
+    import fiftyone.brain as fob
+
+    rng = np.random.default_rng(1)
+    classes = ["a", "b", "c", "d", "e"]
+    logits = rng.normal(0, 1, (60, 5)) * rng.choice([0.1, 1, 5, 30], size=(60, 1))  # from uniform to certain
+    truth = rng.integers(0, 5, 60)
+    pred = logits.argmax(1)
+    pred[:5] = (truth[:5] + 1) % 5  # some disagreements whatever the logits say
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    confidence = p.max(1)
+    ds = fo.Dataset()
+    ds.add_samples([fo.Sample(filepath=f"/nowhere/{i}.png", gt=fo.Classification(label=classes[truth[i]]),
+                              pred=fo.Classification(label=classes[pred[i]], logits=logits[i].tolist(),
+                                                     confidence=float(confidence[i]))) for i in range(60)])
+    fob.compute_mistakenness(ds, "pred", label_field="gt", mistakenness_field="m_logits", use_logits=True,
+                             progress=False)
+    fob.compute_mistakenness(ds, "pred", label_field="gt", mistakenness_field="m_conf", use_logits=False,
+                             progress=False)
+    correct = truth == pred
+    ours = mistakenness(logits, correct)
+    assert np.allclose(ours, ds.values("m_logits"), rtol=0, atol=1e-12)
+    assert np.allclose(mistakenness_from_confidence(confidence, correct), ds.values("m_conf"), rtol=0, atol=1e-12)
+    assert ours[~correct].min() > 0.5 > ours[correct].max()  # a disagreement always ranks above an agreement
+    ds.delete()
+
+
+def test_per_class_equals_sklearn():
+    from sklearn.metrics import precision_recall_fscore_support
+    names = taxonomic_order()
+    rng = np.random.default_rng(2)
+    truth = [names[i] for i in rng.integers(0, 40, 3000)]  # classes 40..78 never occur: zero support
+    pred = [t if rng.random() < 0.6 else (None if rng.random() < 0.05 else names[rng.integers(0, 79)])
+            for t in truth]
+    table = pd.DataFrame({"truth": truth, "prediction": pred})
+    table["correct"] = table.truth == table.prediction
+    table["distance"] = 0
+    ours = per_class(table)
+    p, r, f, s = precision_recall_fscore_support(truth, table.prediction.fillna("(none)"), labels=names,
+                                                 zero_division=0)
+    assert np.allclose(ours.precision, p) and np.allclose(ours.recall, r) and np.allclose(ours.f1, f)
+    assert ours.support.tolist() == s.tolist()
+
+
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory):
+    """The real infer stage on the parity fixture with one image missing, and the fixture's annotations
+    labelled (it has no labels): half with the model's own answer, half with another class."""
+    d = tmp_path_factory.mktemp("parity")
+    images = d / "images"
+    shutil.copytree(PARITY / "images", images)
+    data = json.loads((PARITY / "dataset.json").read_text())
+    gone = data["images"][0]
+    (images / gone["file_name"]).unlink()
+    ckpt = d / "ckpt" / "model.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copyfile(PARITY / "model.ckpt", ckpt)
+    out = d / "infer" / "predictions.csv"
+    infer(ckpt, PARITY / "dataset.json", images, out, device="cpu", precision="fp32", num_workers=0, batch_size=8,
+          encoder_config=PARITY / "tiny_dinov2_config.json", progress=False)
+    predicted = dict(line.split(",", 1) for line in out.read_text().splitlines()[1:])
+    ids = {c["name"]: c["id"] for c in data["categories"]}
+    for i, a in enumerate(data["annotations"]):
+        name = predicted.get(str(a["id"]), "Farrea")
+        a["category_id"] = ids[name] if i % 2 == 0 else ids["Farrea" if name != "Farrea" else "Serpulidae"]
+    labelled = d / "labelled.json"
+    labelled.write_text(json.dumps(data))
+    lost = {a["id"] for a in data["annotations"] if a["image_id"] == gone["id"]}
+    return labelled, out, images, lost
+
+
+def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_run, tmp_path):
+    labelled, out, images, lost = parity_run
+    result = evaluate_stage(labelled, out.with_suffix(".parquet"), tmp_path / "r", split="train",
+                            images_dir=str(images), use_fiftyone=False)
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    rois = pd.read_csv(tmp_path / "r" / "rois.csv", keep_default_na=False)
+    assert m["n_annotations"] == 30 and m["n_predictions"] == 30 - len(lost) and len(lost) > 0
+    assert m["coverage"] == pytest.approx((30 - len(lost)) / 30)
+    assert m["not_predicted"] == {"image missing": len(lost)}
+    assert set(rois.annotation_id[rois.prediction == ""]) == lost
+    assert all(r.startswith("image missing: ") for r in rois.not_predicted[rois.prediction == ""])
+    predicted = rois[rois.prediction != ""]
+    assert m["predicted_only"]["mean_hierarchical_distance"] == pytest.approx(predicted.distance.mean())
+    assert m["predicted_only"]["accuracy"] == pytest.approx((predicted.truth == predicted.prediction).mean())
+    assert m["mean_hierarchical_distance"] == pytest.approx((predicted.distance.sum() + 12 * len(lost)) / 30)
+    line = result["headline"]
+    assert f"{m['predicted_only']['mean_hierarchical_distance']:.3f}" in line
+    assert f"{m['mean_hierarchical_distance']:.3f}" in line and f"{len(lost)} image missing" in line
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "coverage" in page and f"{len(lost)} image missing" in page and "scores 12" in page
+
+
+def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):
+    labelled, out, _, _ = parity_run
+    preds = load_predictions(out.with_suffix(".parquet"))
+    ev = evaluate(load_coco(labelled), preds)
+    assert ev.metrics["mistakenness_from"] == "logits"
+    t = ev.table.dropna(subset=["prediction"]).set_index("annotation_id")
+    logits = np.stack(preds.loc[t.index, "logits"].to_numpy())
+    assert np.allclose(t.mistakenness, mistakenness(logits, t.correct.to_numpy()))
+    assert (t.mistakenness[~t.correct] > 0.5).all() and (t.mistakenness[t.correct] < 0.5).all()
+    assert ev.table.mistakenness[ev.table.prediction.isna()].isna().all()  # no prediction, no score
+    csv_only = load_predictions(out)  # the competition CSV has neither logits nor confidences
+    assert evaluate(load_coco(labelled), csv_only).metrics["mistakenness_from"] is None
+
+
+@pytest.fixture(scope="module")
+def train_sized(tmp_path_factory):
+    """23,699 ROIs over 79 classes (the real train split's ids and labels, synthetic boxes) with
+    model-like logits: mostly right, confusions mostly between taxonomic neighbours; 1% skipped."""
+    d = tmp_path_factory.mktemp("train")
+    ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", d / "train.json")
+    ds = load_coco(ann)
+    names = ds.class_names()
+    order = taxonomic_order()
+    rng = np.random.default_rng(0)
+    n = len(ds.annotations)
+    truth = np.array([names.index(ds.categories[a.category_id]) for a in ds.annotations])
+    shift = np.where(rng.random(n) < 0.85, 0, rng.choice([-2, -1, 1, 2], n))
+    pos = np.clip(np.array([order.index(names[t]) for t in truth]) + shift, 0, 78)
+    target = np.array([names.index(order[p]) for p in pos])
+    logits = rng.normal(0, 1, (n, 79)).astype(np.float32)
+    logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
+    keep = rng.random(n) >= 0.01
+    ids = np.array([a.id for a in ds.annotations])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    preds = pd.DataFrame({"annotation_id": ids[keep], "concept_name": np.array(names)[logits.argmax(1)][keep],
+                          "confidence": p.max(1)[keep], "logits": list(logits[keep])})
+    preds.to_parquet(d / "predictions.parquet")
+    skipped = [(a.id, a.image_id, f"image missing: {ds.images[a.image_id].file_name}")
+               for a, k in zip(ds.annotations, keep) if not k]
+    pd.DataFrame(skipped, columns=["annotation_id", "image_id", "reason"]).to_csv(d / "predictions.skipped.csv",
+                                                                                  index=False)
+    images = d / "images"
+    images.mkdir()
+    one = d / "one.png"  # every image is 1920x1080: one file, linked under a third of the names
+    Image.new("RGB", (1920, 1080), (40, 80, 120)).save(one)
+    for im in list(ds.images.values())[::3]:  # only these images' crops appear
+        os.link(one, images / im.file_name)
+    return ds, d / "predictions.parquet", images, len(skipped)
+
+
+def test_report_page_at_train_size(train_sized, tmp_path):
+    ds, pred_path, images, n_skipped = train_sized
+    ev = evaluate(ds, load_predictions(pred_path))
+    out = tmp_path / "r"
+    write_report(ev, ds, out, "train", images, "file_name", {"split": "train"})
+    page = (out / "report.html").read_text()
+    assert not re.search(r"(?:src|href)=['\"]?https?:", page)  # opens offline: nothing fetched
+    for link in re.findall(r"(?:src|href)=['\"]?([^ '\">]+)", page):
+        if link.startswith("#"):
+            assert f"<h2 id={link[1:]}>" in page
+            continue
+        target = Path(link.removeprefix("file://")) if link.startswith("file://") else out / link
+        assert target.exists(), link
+    # the matrix: every class named on both axes, one cell per non-zero pair, its data equal to the CSV
+    names, cm = confusion_matrix(ev.table)
+    svg = page[page.index("<svg id=cm"):page.index("</svg>")]
+    assert svg.count("<text class=rl") == svg.count("<text class=cl") == 79
+    assert svg.count("<title>") == int((cm > 0).sum()) and cm.trace() > 0
+    data = json.loads(re.search(r"const CM=(\{.*?\});</script>", page).group(1))
+    csv = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert data["names"] == names == list(csv.columns) and data["cm"] == csv.to_numpy().tolist() == cm.tolist()
+    assert cm.sum() == ev.metrics["n_predictions"] - ev.metrics["n_unknown_names"]
+    # label-error candidates: disagreements by mistakenness, named by image file, crops where images exist
+    table = page[page.index("Label-error candidates"):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r"<tr><td>(.*?)</tr>", table)
+    assert len(rows) == 50
+    values = [float(v) for v in re.findall(r"<td data-v=([\d.]+)>[\d.]+</td><td data-v=\d+>", table)]
+    assert len(values) == 50 and values == sorted(values, reverse=True) and values[-1] > 0.5
+    wrong = ev.table[ev.table.prediction.notna() & ~ev.table.correct]
+    assert values[0] == pytest.approx(wrong.mistakenness.max(), abs=1e-6)
+    on_disk = {p.name for p in images.iterdir()}
+    for row in rows:
+        file_name = re.search(r"(train-\d+\.png)", row).group(1)
+        assert ("<img src=crops/" in row) == (file_name in on_disk)
+    assert 0 < len(list((out / "crops").iterdir())) < 50
+    for crop in (out / "crops").iterdir():
+        with Image.open(crop) as im:
+            assert im.size == (128, 128)
+    assert f"{n_skipped} image missing" in page and "ROIs without a prediction" in page
+    rois = pd.read_csv(out / "rois.csv")
+    assert len(rois) == 23699 and {"file_name", "mistakenness", "not_predicted"} <= set(rois.columns)
+    assert headline(ev.metrics).count("mean hierarchical distance") == 1
+
+
+def test_unlabelled_split_reports_coverage_and_counts(tmp_path):
+    run_dir = tmp_path / "r"
+    evaluate_stage(DATA / "dataset_test.json", DATA / "winner_test_predictions.csv", run_dir, use_fiftyone=False)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["coverage"] == 1.0 and m["not_predicted"] == {} and "mean_hierarchical_distance" not in m
+    page = (run_dir / "report.html").read_text()
+    assert "no score can be computed" in page and "What the model predicted" in page and "<svg" not in page
+    assert page.count("class=bar>") == len(m["prediction_counts"])
+
+
+def test_skipped_file_is_read_beside_the_predictions(tmp_path):
+    files = OutputFiles(tmp_path / "predictions.csv")
+    files.csv.write_text("annotation_id,concept_name\n1,Farrea\n")
+    files.skipped.write_text('annotation_id,image_id,reason\n2,7,"image unreadable: OSError: truncated, sorry"\n')
+    preds = load_predictions(files.csv)
+    assert preds.attrs["skipped"] == {2: "image unreadable: OSError: truncated, sorry"}
+    files.skipped.write_text("id,reason\n2,x\n")
+    with pytest.raises(ValueError, match=r"predictions\.skipped\.csv: expected columns annotation_id,image_id,reason"):
+        load_predictions(files.csv)
