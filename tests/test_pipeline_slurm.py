@@ -44,7 +44,7 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     state = json.loads((run_dir / "run.json").read_text())
     ours = {s["job_id"] for st in state["stages"].values() for s in st["submissions"]}
     deadline = time.monotonic() + 60  # finished jobs may take a moment to leave the queue
-    while [ln for ln in squeue_jobs("fp-run-") if ln.split("_")[0].split()[0] in ours]:
+    while [ln for ln in squeue_jobs("") if ln.split("_")[0].split()[0] in ours]:
         assert time.monotonic() < deadline, "jobs left waiting on a dependency that can never be met"
         time.sleep(1)
     text = cli("status", "--run-dir", str(run_dir))
