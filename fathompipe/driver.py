@@ -200,6 +200,15 @@ def unfinished_tasks(cfg: PipelineConfig, paths: RunPaths, state: RunState,
     return out
 
 
+def submission_counts(cfg: PipelineConfig, paths: RunPaths, state: RunState, stage_names: List[str],
+                      only: Optional[Dict[str, Set[str]]] = None) -> Dict[str, int]:
+    """Stage -> how many tasks `submit_stages` would submit now (for the pre-flight of their scripts)."""
+    states = job_states(state, paths) if state.cluster == "slurm" else {}
+    plan, _ = plan_submission([(s.name, s.after) for s in STAGES], unfinished_tasks(cfg, paths, state, stage_names),
+                              states, only)
+    return {name: len(keys) for name, keys in plan.items()}
+
+
 def submit_stages(cfg: PipelineConfig, paths: RunPaths, state: RunState, stage_names: List[str], reason: str,
                   out: Printer, only: Optional[Dict[str, Set[str]]] = None, retry: str = "") -> Dict[str, Submission]:
     """Submit the unfinished tasks of `stage_names` (graph order) that are not queued or running, record them.

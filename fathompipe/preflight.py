@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .annotations import AnnotationError, load_coco
 from .config import PipelineConfig
@@ -55,13 +55,14 @@ def check_inputs(cfg: PipelineConfig, paths: RunPaths, source: str) -> List[str]
     return errors
 
 
-def check_scripts(cfg: PipelineConfig, paths: RunPaths, source: str, stage_names: List[str]) -> List[str]:
-    """Slurm's verdict on each stage's rendered script (without its dependency, which names no job yet)."""
+def check_scripts(cfg: PipelineConfig, paths: RunPaths, source: str, counts: Dict[str, int]) -> List[str]:
+    """Slurm's verdict on the script of each stage about to get `counts[stage]` tasks (without its dependency,
+    which names no job yet)."""
     errors: List[str] = []
     for stage in STAGES:
-        if stage.name not in stage_names:
+        n = counts.get(stage.name, 0)
+        if not n:
             continue
-        n = len(stage.tasks(cfg, paths))
         script = render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n,
                                comment=job_comment(paths.root))
         why = sbatch_test_only(script)
@@ -71,10 +72,13 @@ def check_scripts(cfg: PipelineConfig, paths: RunPaths, source: str, stage_names
     return errors
 
 
-def preflight(cfg: PipelineConfig, paths: RunPaths, source: str, stage_names: Optional[List[str]] = None) -> List[str]:
-    """Every reason the run cannot work, found before queueing; [] when it can be submitted."""
-    names = stage_names if stage_names is not None else [s.name for s in STAGES]
+def preflight(cfg: PipelineConfig, paths: RunPaths, source: str, counts: Optional[Dict[str, int]] = None) -> List[str]:
+    """Every reason the run cannot work, found before queueing; [] when it can be submitted.
+
+    `counts`: stage -> tasks about to be submitted (default: every task of every stage, a new run).
+    """
     errors = check_inputs(cfg, paths, source)
     if cfg.cluster == "slurm":
-        errors += check_scripts(cfg, paths, source, names)
+        all_tasks = {s.name: len(s.tasks(cfg, paths)) for s in STAGES}
+        errors += check_scripts(cfg, paths, source, all_tasks if counts is None else counts)
     return errors

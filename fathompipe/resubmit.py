@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Set
 
 from .cli import quiet_pipe
 from .config import ConfigError, PipelineConfig, load_config, to_yaml
-from .driver import SubmitError, adopt_config, run_lock, submit_stages
+from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
 from .paths import RunPaths
 from .preflight import preflight
 from .runstate import RunStateError
@@ -58,12 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for s in first:
             names += [d.name for d in downstream(s.name) if d.name not in names]
         only = selected_shards(args.shards, first, cfg, paths) if args.shards else None
-        errors = preflight(cfg, paths, args.profile or str(paths.config), names)
-        if errors:
-            raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
         with run_lock(paths):
             if args.profile or args.overrides:
                 adopt_config(cfg, paths, state, to_yaml(cfg), print)
+            counts = submission_counts(cfg, paths, state, names, only)
+            errors = preflight(cfg, paths, args.profile or str(paths.config), counts)
+            if errors:
+                raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
             state.log("resubmit", stages=names, shards=args.shards or "all unfinished")
             again = " ".join(["python -m fathompipe.resubmit", *(sys.argv[1:] if argv is None else argv)])
             new = submit_stages(cfg, paths, state, names, "resubmit", print, only, retry=again)

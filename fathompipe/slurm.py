@@ -80,8 +80,8 @@ def rejection_reason(stderr: str) -> str:
 
 # Slurm's rejection words -> the Resources keys that can cause them, first the likeliest.
 _REJECTION_KEYS = [
-    (re.compile(r"account|association", re.I), ["account"]),
     (re.compile(r"qos", re.I), ["qos"]),
+    (re.compile(r"\baccount\b|association", re.I), ["account"]),
     (re.compile(r"partition", re.I), ["partition"]),
     (re.compile(r"gres|gpu|tres", re.I), ["gpus_per_node", "partition"]),
     (re.compile(r"time limit", re.I), ["timeout_min"]),

@@ -22,9 +22,9 @@ from typing import List
 from . import atomic
 from .cli import quiet_pipe
 from .config import ConfigError, PipelineConfig, load_config, to_yaml
-from .driver import SubmitError, adopt_config, run_lock, submit_stages
+from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
 from .paths import RunPaths
-from .preflight import preflight
+from .preflight import check_scripts, preflight
 from .runstate import RunState, RunStateError
 from .slurm import queued_jobs_under, render_sbatch
 from .stages import STAGES, job_comment, job_name
@@ -83,7 +83,8 @@ def main(argv: List[str] | None = None) -> int:
             print(f"# ---- stage {stage.name}: {n} task(s) ----")
             print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep,
                                 comment=job_comment(paths.root)))
-    errors = preflight(cfg, paths, source)
+    existing = paths.run_json.exists() and not args.dry_run
+    errors = preflight(cfg, paths, source, {} if existing else None)  # a resume's scripts: checked below
     if errors:
         print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
@@ -110,6 +111,10 @@ def main(argv: List[str] | None = None) -> int:
                 print(f"new run in {paths.root} (cluster: {cfg.cluster})")
             else:
                 adopt_config(cfg, paths, state, config_yaml, print)
+                counts = submission_counts(cfg, paths, state, [s.name for s in STAGES])
+                errors = check_scripts(cfg, paths, source, counts) if cfg.cluster == "slurm" else []
+                if errors:
+                    raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
                 reason = "resume"
                 print(f"resuming {paths.root}: only unfinished tasks that are not queued or running are submitted")
             state.log(reason)

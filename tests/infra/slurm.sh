@@ -5,7 +5,8 @@
 # by hand in dependency order (munge, MariaDB, slurmdbd, slurmctld, slurmd) and waited for.
 # Like PACE it enforces accounting (AccountingStorageEnforce=associations,limits,qos, EnforcePartLimits=ALL):
 # a job naming an unknown account or QOS, or over a partition's memory or GPU limit, is refused at sbatch.
-# The account `fathompipe` with QOS `fathompipe` (MaxTRESPerJob gpu=1) is there for tests to name; root keeps
+# The account `fathompipe` with QOS `fathompipe` (MaxTRESPerJob gpu=1) and `fathompipe-3jobs`
+# (MaxSubmitJobsPerUser=3) is there for tests to name; root keeps
 # its default account `root`, so a job that names no account still runs. `up` is idempotent: on a cluster
 # that is already up it changes only what differs and applies it with `scontrol reconfigure` (a slurmctld
 # restart, which keeps queued and running jobs, only if reconfigure cannot apply it).
@@ -108,10 +109,13 @@ CONF
 setup_accounts() {  # idempotent: sacctmgr answers "Nothing new added" for what exists
   sacctmgr -i add qos fathompipe >/dev/null 2>&1 || true
   sacctmgr -i modify qos fathompipe set MaxTRESPerJob=gres/gpu=1 >/dev/null
+  # a QOS that admits 3 queued jobs per user: sbatch --test-only passes, the 4th real sbatch is refused
+  sacctmgr -i add qos fathompipe-3jobs >/dev/null 2>&1 || true
+  sacctmgr -i modify qos fathompipe-3jobs set MaxSubmitJobsPerUser=3 >/dev/null
   sacctmgr -i add account fathompipe Description=fathompipe-tests Organization=fathompipe >/dev/null 2>&1 || true
   sacctmgr -i add user root Account=root DefaultAccount=root >/dev/null 2>&1 || true
   sacctmgr -i add user root Account=fathompipe >/dev/null 2>&1 || true
-  sacctmgr -i modify user root where account=fathompipe set QOS=normal,fathompipe DefaultQOS=normal >/dev/null
+  sacctmgr -i modify user root where account=fathompipe set QOS=normal,fathompipe,fathompipe-3jobs DefaultQOS=normal >/dev/null
 }
 
 enforcing() {
