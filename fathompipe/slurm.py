@@ -64,6 +64,8 @@ def render_sbatch(resources: Resources, job_name: str, folder: str | Path, n_tas
 def sbatch_test_only(script: str) -> str:
     """'' when Slurm would accept this batch script now (`sbatch --test-only`: nothing is queued), else
     Slurm's own reason, e.g. `invalid partition specified: gpu-rtx6000`."""
+    if not shutil.which("sbatch"):
+        return "sbatch is not on PATH: submit from a Slurm login node, or use cluster=local"
     proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
     if proc.returncode == 0:
         return ""
