@@ -3,8 +3,10 @@
     python -m fathompipe.checkpoint --checkpoint PATH [--gdrive-id ID | --url URL] [--encoder-config F]
 
 The 16 GB file is a pickle from Google Drive, so it is opened with `weights_only=True` and an
-explicit allowlist of the globals a Lightning checkpoint needs: any other global is refused and
-nothing in the file executes. It is memory-mapped, so the optimizer state is never read. Once, the
+explicit allowlist of the globals a Lightning checkpoint needs; nothing in the file executes. Any
+other global (another Lightning version's callback or loop state, a numpy scalar in a metric) gets
+an inert stand-in that only records its arguments, and is refused inside `state_dict` or
+`hyper_parameters`, the parts inference uses. It is memory-mapped, so the optimizer state is never read. Once, the
 tensors inference uses go to `<stem>.inference.safetensors` with `<stem>.inference.json` (class
 names, architecture sizes, the source's size and mtime) beside it; while the source is unchanged
 later runs reuse them and never open the 16 GB file again.
