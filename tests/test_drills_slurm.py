@@ -95,7 +95,7 @@ def test_inference_reaches_its_time_limit_then_user_scancel(slurm, tmp_path, fak
 
     before_cancel = mtimes(parts, "*.npz")  # the user now cancels the job by hand
     subprocess.run(["scancel", job], check=True)
-    stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["failed"] == 1)
+    stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["cancelled"] == 1)
     assert stages["infer"]["failures"][0]["state"] == "CANCELLED" and stages["evaluate"]["done"] == 0
     assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
 
