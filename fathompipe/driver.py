@@ -1,15 +1,18 @@
 """Submitting stages: what submit, resume and resubmit share.
 
 On Slurm every stage is queued at once, chained with `afterok` dependencies (and
-`kill-on-invalid-dep`, so nothing waits forever on a failed job). Locally (submitit's local or
-debug executor, which know no dependencies) stages run one after another and the driver waits.
+`kill-on-invalid-dep`, so nothing waits forever on a failed job). Work whose job is still queued or
+running is never submitted again; what is submitted waits on it (an array task id when the rest of
+its array was replaced). A stage sbatch refuses is recorded in run.json for `status`. The decisions
+(`plan_submission`, `plan_dependency`, `refused_change`) are pure functions with fast tests. Locally
+(submitit's local or debug executor, which know no dependencies) stages run one after another and
+the driver waits.
 """
 from __future__ import annotations
 
 import fcntl
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import submitit
@@ -22,7 +25,7 @@ from .paths import RunPaths
 from .runstate import RunState, Submission
 from .slurm import (ACTIVE, afterok, cancel, job_sort_key, keys_to_change, local_states, make_executor, query_states,
                     rejection_reason)
-from .stages import STAGES, Stage, Task, job_comment, job_name
+from .stages import STAGES, Task, job_comment, job_name
 
 Printer = Callable[[str], None]
 
@@ -98,37 +101,11 @@ def active_jobs(state: RunState, paths: RunPaths) -> Dict[str, str]:
     return {j: s for j, s in job_states(state, paths).items() if s in ACTIVE}
 
 
-@dataclass(frozen=True)
-class ActiveTask:
-    """An unfinished task whose job is still queued or running."""
-
-    stage: Stage
-    key: str
-    job: str
-    state: str
-
-
-def active_unfinished(cfg: PipelineConfig, paths: RunPaths, state: RunState,
-                      stage_names: Optional[List[str]] = None) -> List[ActiveTask]:
-    """Queued or running jobs of tasks without a completion marker: the ones a resume could
-    duplicate (a finished task's job that is still exiting cannot)."""
-    states = active_jobs(state, paths)
-    busy: List[ActiveTask] = []
-    for stage in STAGES:
-        if stage_names is not None and stage.name not in stage_names:
-            continue
-        latest = state.stage(stage.name).latest_jobs()
-        for task in stage.tasks(cfg, paths):
-            job = latest.get(task.key)
-            if job in states and not task.done():
-                busy.append(ActiveTask(stage, task.key, job, states[job]))
-    return busy
-
-
 Job = Optional[str]
 
 
-def plan_dependency(upstream: Dict[str, Job], new_jobs: Dict[str, str], live: Set[str]) -> Tuple[Optional[str], List[str]]:
+def plan_dependency(upstream: Dict[str, Job], new_jobs: Dict[str, str],
+                    live: Set[str]) -> Tuple[Optional[str], List[str]]:
     """The `afterok` string for a stage, from its unfinished upstream tasks (key -> latest job).
 
     A task resubmitted now waits on its new job; one still queued or running on that job (an array task

@@ -63,7 +63,8 @@ def test_unknown_global_where_inference_looks_is_refused_and_nothing_runs(tmp_pa
     with pytest.raises(CheckpointError) as exc:
         export_slim(path, ENCODER)
     msg = str(exc.value)
-    assert f"{where}['extra'] holds the pickle global" in msg and "open" in msg and "Nothing from it was executed" in msg
+    assert f"{where}['extra'] holds the pickle global" in msg and "open" in msg
+    assert "Nothing from it was executed" in msg
     assert not marker.exists()
     assert not SlimFiles.beside(path).meta.exists()
 

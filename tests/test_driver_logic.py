@@ -34,8 +34,8 @@ SQUEUE = """98_2|RUNNING
 102|PENDING
 """
 # sbatch's stderr when refused, recorded on the enforcing test cluster
-SBATCH_PARTITION = "sbatch: error: invalid partition specified: gpu-rtx6000\nsbatch: error: Batch job submission failed: " \
-                   "Invalid partition name specified\n"
+SBATCH_PARTITION = ("sbatch: error: invalid partition specified: gpu-rtx6000\n"
+                    "sbatch: error: Batch job submission failed: Invalid partition name specified\n")
 SBATCH_QOS_LIMIT = "sbatch: error: QOSMaxSubmitJobPerUserLimit\nsbatch: error: Batch job submission failed: Job " \
                    "violates accounting/QOS policy (job submit limit, user's size and/or time limits)\n"
 TEST_ONLY_MEMORY = "allocation failure: Memory required by task is not available\n"

@@ -41,7 +41,8 @@ def test_refused_mid_graph_then_completed_by_the_same_submit(slurm, tmp_path, fa
     assert "Traceback" not in proc.stderr and "python -m fathompipe.submit --profile" in proc.stderr
     st = status_json(run_dir)
     stages = {s["stage"]: s for s in st["stages"]}
-    assert stages["infer"]["not_submitted"] == 1 and "QOSMaxSubmitJobPerUserLimit" in stages["infer"]["not_submitted_reason"]
+    assert stages["infer"]["not_submitted"] == 1
+    assert "QOSMaxSubmitJobPerUserLimit" in stages["infer"]["not_submitted_reason"]
     assert stages["evaluate"]["not_submitted"] == 1
     assert "infer not submitted: sbatch refused it" in st["next"] and "in progress" not in st["next"]
 
