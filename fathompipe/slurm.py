@@ -76,7 +76,7 @@ def rejection_reason(stderr: str) -> str:
     """Slurm's reason from sbatch's stderr: `sbatch: error: X` lines, else the last line."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
-    errors += [ln for ln in lines if ln.startswith("allocation failure:")]
+    errors += [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("allocation failure:")]
     return "; ".join(dict.fromkeys(errors)) or (lines[-1] if lines else "")
 
 
