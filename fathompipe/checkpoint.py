@@ -85,9 +85,9 @@ def _inert_inside(value: Any, where: str, seen: Optional[set] = None) -> Optiona
     if isinstance(value, Inert):
         return value.global_name, where
     if isinstance(value, (DictConfig, ListConfig)):
-        value = value._content  # raw nodes: no interpolation runs
+        value = value._content  # private (omegaconf 2.4.0): the raw nodes, so no interpolation or resolver runs
     if isinstance(value, AnyNode):
-        value = value._value()
+        value = value._value()  # private (omegaconf 2.4.0): the stored value, unresolved
     if isinstance(value, dict):
         items = list(value.items())
     elif isinstance(value, (list, tuple, set)):

@@ -56,6 +56,7 @@ def sbatch_params(resources: Resources, job_name: str, dependency: str = "", com
 def render_sbatch(resources: Resources, job_name: str, folder: str | Path, n_tasks: int, dependency: str = "",
                   python: str = sys.executable, comment: str = "") -> str:
     """The sbatch script submitit would submit for these tasks (pure: no files, no Slurm)."""
+    # private module (submitit 1.5.4): the command line SlurmExecutor writes into every script it submits
     command = f"{python} -u -m submitit.core._submit {folder}"
     return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks if n_tasks > 1 else None,
                                **sbatch_params(resources, job_name, dependency, comment))  # type: ignore[arg-type]
@@ -239,6 +240,7 @@ def queued_jobs_under(cluster: str, folder: Path) -> List[str]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
+        # private module (submitit 1.5.4): what a running submitit job's command line holds
         if "submitit.core._submit" in cmd and any(arg.startswith(prefix) for arg in cmd):
             found.append(str(proc.info["pid"]))
     return sorted(found)
