@@ -64,7 +64,8 @@ def test_refused_mid_graph_then_completed_by_the_same_submit(slurm, tmp_path, fa
 
 
 def test_killed_shard_resubmitted_while_the_array_runs(slurm, tmp_path, fake_fathomnet, parity_copy):
-    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(latency_s=3.0), source_dir=PARITY / "images")
+    # a shard is 3 images at 8 s each: the other shards still run when the killed one is resubmitted
+    server, ann = fake_fathomnet(PARITY / "dataset.json", Faults(latency_s=8.0), source_dir=PARITY / "images")
     profile = write_profile(tmp_path, ann, parity_copy, "slurm")
     run_dir = tmp_path / "run"
     proc = cli("submit", "--profile", str(profile), "download.num_shards=4", "download.concurrency=1",
