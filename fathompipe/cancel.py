@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import List
 
+from .cli import quiet_pipe
 from .config import ConfigError
 from .driver import SubmitError, active_jobs, run_lock
 from .runstate import RunStateError
@@ -48,4 +49,4 @@ def main(argv: List[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_pipe(main))

@@ -3,8 +3,10 @@
     python -m fathompipe.checkpoint --checkpoint PATH [--gdrive-id ID | --url URL] [--encoder-config F]
 
 The 16 GB file is a pickle from Google Drive, so it is opened with `weights_only=True` and an
-explicit allowlist of the globals a Lightning checkpoint needs: any other global is refused and
-nothing in the file executes. It is memory-mapped, so the optimizer state is never read. Once, the
+explicit allowlist of the globals a Lightning checkpoint needs; nothing in the file executes. Any
+other global (another Lightning version's callback or loop state, a numpy scalar in a metric) gets
+an inert stand-in that only records its arguments, and is refused inside `state_dict` or
+`hyper_parameters`, the parts inference uses. It is memory-mapped, so the optimizer state is never read. Once, the
 tensors inference uses go to `<stem>.inference.safetensors` with `<stem>.inference.json` (class
 names, architecture sizes, the source's size and mtime) beside it; while the source is unchanged
 later runs reuse them and never open the 16 GB file again.
@@ -19,6 +21,7 @@ import pickle
 import sys
 import time
 import typing
+import zipfile
 
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -38,25 +41,98 @@ from .model import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_key
 # What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
 ALLOWED_GLOBALS: List[Any] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list,
                               int, collections.defaultdict]
+_ALLOWED_NAMES = {f"{g.__module__}.{g.__qualname__}" if hasattr(g, "__qualname__") else str(g) for g in ALLOWED_GLOBALS}
 QUOTA_HELP = (
     "Google Drive refused the download: too many users have downloaded this file recently (Drive's quota). "
     "Wait a few hours and rerun, or download it by hand in a browser from "
     "https://drive.google.com/file/d/{id}/view while signed in to Google, copy it to {path} "
     "(e.g. with scp or Globus), and rerun: an existing file is verified, not downloaded again.")
 
+class Inert:
+    """Stands in for a pickle global outside the allowlist: calling, constructing or restoring it only records
+    the arguments, so nothing from the file runs. Tolerated where inference never looks (optimizer, callback
+    and loop state); refused inside `state_dict` or `hyper_parameters`."""
+
+    global_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # dict-like globals get their items set
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: Any) -> None:  # list-like globals get appended to
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__.setdefault("values", []).extend(values)
+
+
+def inert_stand_ins(names: List[str]) -> List[Tuple[type, str]]:
+    """One Inert subclass per unknown global name, in torch's (object, "module.name") allowlist form."""
+    return [(type(f"Inert[{name}]", (Inert,), {"global_name": name}), name) for name in names]
+
+
+def _inert_inside(value: Any, where: str, seen: Optional[set] = None) -> Optional[Tuple[str, str]]:
+    """(global name, path) of the first stand-in inside `value` (dicts, lists, OmegaConf containers), else None."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or isinstance(value, (torch.Tensor, str, bytes, int, float, bool, type(None))):
+        return None
+    seen.add(id(value))
+    if isinstance(value, Inert):
+        return value.global_name, where
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = value._content  # private (omegaconf 2.4.0): the raw nodes, so no interpolation or resolver runs
+    if isinstance(value, AnyNode):
+        value = value._value()  # private (omegaconf 2.4.0): the stored value, unresolved
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple, set)):
+        items = list(enumerate(value))
+    else:
+        items = list(getattr(value, "__dict__", {}).items())
+    for key, item in items:
+        found = _inert_inside(item, f"{where}[{key!r}]", seen)
+        if found:
+            return found
+    return None
+
+
 def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
-    """torch.load with weights_only and the allowlist; memory-mapped (nothing read until used)."""
+    """torch.load with weights_only and the allowlist; memory-mapped (nothing read until used).
+
+    A global outside the allowlist (a newer Lightning's callback state, a numpy scalar in a logger's
+    metrics) is given an inert stand-in, so nothing runs; it is refused if it sits in `state_dict` or
+    `hyper_parameters`, which inference uses.
+    """
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        unknown = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                   if g not in _ALLOWED_NAMES]
+        with torch.serialization.safe_globals([*ALLOWED_GLOBALS, *inert_stand_ins(unknown)]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
         raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
-                              f"({detail}). Nothing from it was executed. Use the winner's original "
-                              "checkpoint.") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+                              f"({detail}). Nothing from it was executed. Use the winner's original checkpoint.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
                                 f"truncated or corrupt") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointMismatch(f"{path}: not a Lightning checkpoint: the top level is not a dict")
+    for key in ("state_dict", "hyper_parameters"):
+        found = _inert_inside(ckpt.get(key), key)
+        if found:
+            raise CheckpointError(f"{path}: refused to load: {found[1]} holds the pickle global {found[0]}, outside "
+                                  f"the allowlist, where inference would use it. Nothing from it was executed. Use "
+                                  f"the winner's original checkpoint.")
+    if unknown:
+        print(f"{path}: {len(unknown)} pickle global(s) outside the allowlist, not needed for inference, "
+              f"loaded as inert stand-ins (nothing from them ran): {', '.join(sorted(unknown))}", flush=True)
+    return ckpt
+
 
 def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[str, Any]] = None) -> ModelSpec:
     hp = ckpt.get("hyper_parameters")

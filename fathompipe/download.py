@@ -7,7 +7,8 @@ Content-Length, the image is intact, its size matches the annotation file), and 
 into place. Images already on disk and valid are adopted, never fetched again. Per shard, a JSONL
 record per image and, written last, a completion marker (the img2dataset pattern). A shard runs one
 download process per CPU the job may use; the parent alone writes the records.
-Exit status: 0 when every image is on disk or permanently missing (404/410), 1 otherwise.
+Exit status: 0 when every image is on disk or permanently missing (404/410), 1 otherwise: any other
+answer (403 from a proxy, 429, 5xx) is retried `max_attempts` times, then the shard stays incomplete.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .annotations import Image, load_coco, shard_images
 from .config import DownloadConfig
 from .pngcheck import PngStream
 
-PERMANENT_MISSING = {401, 403, 404, 410}
+PERMANENT_MISSING = {404, 410}  # only these mean "not there"; any other 4xx (a proxy's 403) is retried
 CHUNK = 1 << 20  # read size when hashing a file already on disk
 MIN_IMAGES_PER_PROCESS = 16  # below this a shard is not worth another process
 

@@ -17,6 +17,7 @@ import argparse
 import fcntl
 import io
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,9 +125,26 @@ class BatchDataset(Dataset):
                 "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
 
 
+def granted_gpus() -> Optional[str]:
+    """The GPUs Slurm gave this job (SLURM_JOB_GPUS, SLURM_STEP_GPUS, SLURM_GPUS_ON_NODE), if any."""
+    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):  # GPU ids, ids, a count
+        value = os.environ.get(var, "").strip()
+        if value and not (var == "SLURM_GPUS_ON_NODE" and value == "0"):
+            return f"{var}={value}"
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        granted = granted_gpus()
+        if granted:  # a GPU was paid for and sits idle: say so loudly, the CPU is ~100x slower
+            print(f"warning: this job was given a GPU ({granted}) but CUDA is unavailable (torch {torch.__version__}, "
+                  f"built for CUDA {torch.version.cuda or 'none'}): running on the CPU, far slower. Install a CUDA "
+                  f"build of torch (bash setup.sh on a GPU node) or check the node's driver (nvidia-smi).",
+                  file=sys.stderr, flush=True)
+        return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, or a CPU node?)")
     return torch.device(device)

@@ -1,60 +1,76 @@
-"""Resubmit only what failed: `python -m fathompipe.resubmit --run-dir R [--stage S] [--shards 3,7]`.
+"""Resubmit only what failed: `python -m fathompipe.resubmit --run-dir R [--stage S] [--shards 3,7] [--profile P k=v]`.
 
-Unfinished tasks (no completion marker) whose job is no longer queued or running are submitted
-again as a new array, keeping their task keys; every downstream stage that is not finished is
-cancelled if still waiting and re-chained onto the new jobs. Finished tasks never run again.
+Unfinished tasks (no completion marker) whose job is no longer queued or running are submitted again
+as a new array, keeping their task keys, at once: tasks still running are left alone, and every waiting
+downstream job is cancelled and re-chained onto the new jobs plus the old ones still running, so it
+starts as soon as all its inputs are done. Finished tasks never run again. With `--profile` (and
+overrides) the run takes changed `resources` for stages without finished work, e.g. a fixed partition.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
-from .config import ConfigError
-from .driver import SubmitError, active_unfinished, run_lock, submit_stages
+from .cli import quiet_pipe
+from .config import ConfigError, PipelineConfig, load_config, to_yaml
+from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
+from .paths import RunPaths
+from .preflight import preflight
 from .runstate import RunStateError
-from .slurm import cancel
-from .stages import STAGES, downstream, stage_by_name
+from .stages import STAGES, Stage, downstream, stage_by_name
 from .status import load_run
 
 
-def main(argv: List[str] | None = None) -> int:
+def selected_shards(spec: str, first: List[Stage], cfg: PipelineConfig, paths: RunPaths) -> Dict[str, Set[str]]:
+    """`--shards 3,7` (or task keys like test/3) -> stage -> task keys; SubmitError naming unknown ones."""
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    only: Dict[str, Set[str]] = {}
+    matched: Set[str] = set()
+    known: List[str] = []
+    for s in first:
+        keys = [t.key for t in s.tasks(cfg, paths)]
+        known += keys
+        only[s.name] = {k for k in keys if k in wanted or k.rsplit("/", 1)[-1] in wanted}
+        matched |= {w for w in wanted for k in keys if w in (k, k.rsplit("/", 1)[-1])}
+    unknown = sorted(wanted - matched)
+    if unknown or not wanted:
+        shown = ", ".join(sorted(dict.fromkeys(k.rsplit("/", 1)[-1] for k in known), key=lambda k: (len(k), k)))
+        raise SubmitError(f"--shards {spec}: no such shard {', '.join(unknown) or '(empty)'}; "
+                          f"the shards are {shown} (or task keys such as {known[0] if known else 'test/0'})")
+    return only
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.resubmit", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--stage", help="only this stage (and what runs after it)")
     parser.add_argument("--shards", help="comma-separated shard numbers (task keys like test/3 also accepted)")
+    parser.add_argument("--profile", help="the run's profile, edited: take its changed resources")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="with --profile: the run's overrides")
     args = parser.parse_args(argv)
     try:
         paths, cfg, state = load_run(args.run_dir)
+        if args.profile or args.overrides:
+            cfg = load_config(args.profile, [*args.overrides, f"run_dir={paths.root}", f"cluster={cfg.cluster}"])
+        first = [stage_by_name(args.stage)] if args.stage else STAGES
+        names = [s.name for s in first]
+        for s in first:
+            names += [d.name for d in downstream(s.name) if d.name not in names]
+        only = selected_shards(args.shards, first, cfg, paths) if args.shards else None
         with run_lock(paths):
-            first = [stage_by_name(args.stage)] if args.stage else STAGES
-            names = [s.name for s in first]
-            for s in first:
-                names += [d.name for d in downstream(s.name) if d.name not in names]
-            only: Dict[str, Set[str]] = {}
-            if args.shards:
-                wanted = {w.strip() for w in args.shards.split(",") if w.strip()}
-                for s in first:
-                    only[s.name] = {t.key for t in s.tasks(cfg, paths)
-                                    if t.key in wanted or t.key.rsplit("/", 1)[-1] in wanted}
-            busy: List[str] = []
-            to_cancel: List[str] = []
-            for active in active_unfinished(cfg, paths, state, names):
-                if any(n in names for n in active.stage.after):
-                    to_cancel.append(active.job)  # waiting on jobs that are being replaced
-                else:
-                    busy.append(f"{active.stage.name} {active.key} ({active.job} {active.state})")
-            if busy:
-                raise SubmitError("still queued or running, not resubmitted: " + "; ".join(busy[:5]) +
-                                  ". Wait for them, or `scancel` them first.")
-            if to_cancel:
-                cancel(to_cancel)
-                print(f"cancelled {len(to_cancel)} waiting downstream job(s): {', '.join(sorted(to_cancel))}")
-            state.log("resubmit", stages=names, shards=args.shards or "all unfinished", cancelled=to_cancel)
-            new = submit_stages(cfg, paths, state, names, "resubmit", print, only or None)
+            if args.profile or args.overrides:
+                adopt_config(cfg, paths, state, to_yaml(cfg), print)
+            counts = submission_counts(cfg, paths, state, names, only)
+            errors = preflight(cfg, paths, args.profile or str(paths.config), counts)
+            if errors:
+                raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
+            state.log("resubmit", stages=names, shards=args.shards or "all unfinished")
+            again = " ".join(["python -m fathompipe.resubmit", *(sys.argv[1:] if argv is None else argv)])
+            new = submit_stages(cfg, paths, state, names, "resubmit", print, only, retry=again)
             state.save(paths)
             if not new:
-                print("nothing to resubmit: every selected task is finished")
+                print("nothing resubmitted: every selected task is finished, queued or running")
     except (SubmitError, RunStateError, ConfigError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -63,4 +79,4 @@ def main(argv: List[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_pipe(main))

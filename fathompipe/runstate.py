@@ -34,6 +34,7 @@ class Submission:
 @dataclass
 class StageState:
     submissions: List[Submission] = field(default_factory=list)
+    not_submitted: str = ""  # why the stage's last submission did not happen (sbatch refused, upstream missing)
 
     def latest_jobs(self) -> Dict[str, str]:
         """Task key -> the job id of its most recent submission."""
@@ -74,7 +75,7 @@ class RunState:
         try:
             raw = json.loads(paths.run_json.read_text())
             stages = {
-                name: StageState([Submission(**s) for s in st["submissions"]])
+                name: StageState([Submission(**s) for s in st["submissions"]], st.get("not_submitted", ""))
                 for name, st in raw.pop("stages").items()
             }
             return cls(stages=stages, **raw)

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional
 
 import psutil
 import submitit
+# private API (submitit 1.5.4): the exact sbatch text submitit submits, for --dry-run and sbatch --test-only
 from submitit.slurm.slurm import _make_sbatch_string
 
 from .config import Resources
@@ -25,9 +26,11 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURIN
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 
 
-def sbatch_params(resources: Resources, job_name: str, dependency: str = "") -> Dict[str, object]:
+def sbatch_params(resources: Resources, job_name: str, dependency: str = "", comment: str = "") -> Dict[str, object]:
     """sbatch options (in submitit's `_make_sbatch_string` vocabulary) for one stage's jobs."""
     extra: Dict[str, object] = dict(resources.extra)
+    if comment:
+        extra["comment"] = comment  # the run directory: `squeue -O name,comment` tells runs apart
     if dependency:
         extra["kill-on-invalid-dep"] = "yes"  # a job whose dependency failed is cancelled, never left pending
     params: Dict[str, object] = {
@@ -51,19 +54,59 @@ def sbatch_params(resources: Resources, job_name: str, dependency: str = "") -> 
 
 
 def render_sbatch(resources: Resources, job_name: str, folder: str | Path, n_tasks: int, dependency: str = "",
-                  python: str = sys.executable) -> str:
+                  python: str = sys.executable, comment: str = "") -> str:
     """The sbatch script submitit would submit for these tasks (pure: no files, no Slurm)."""
+    # private module (submitit 1.5.4): the command line SlurmExecutor writes into every script it submits
     command = f"{python} -u -m submitit.core._submit {folder}"
     return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks if n_tasks > 1 else None,
-                               **sbatch_params(resources, job_name, dependency))  # type: ignore[arg-type]
+                               **sbatch_params(resources, job_name, dependency, comment))  # type: ignore[arg-type]
+
+
+def sbatch_test_only(script: str) -> str:
+    """'' when Slurm would accept this batch script now (`sbatch --test-only`: nothing is queued), else
+    Slurm's own reason, e.g. `invalid partition specified: gpu-rtx6000`."""
+    if not shutil.which("sbatch"):
+        return "sbatch is not on PATH: submit from a Slurm login node, or use cluster=local"
+    proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:
+        return ""
+    return rejection_reason(proc.stderr) or f"sbatch --test-only exited {proc.returncode}"
+
+
+def rejection_reason(stderr: str) -> str:
+    """Slurm's reason from sbatch's stderr: `sbatch: error: X` lines, else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+    errors += [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("allocation failure:")]
+    return "; ".join(dict.fromkeys(errors)) or (lines[-1] if lines else "")
+
+
+# Slurm's rejection words -> the Resources keys that can cause them, first the likeliest.
+_REJECTION_KEYS = [
+    (re.compile(r"qos", re.I), ["qos"]),
+    (re.compile(r"\baccount\b|association", re.I), ["account"]),
+    (re.compile(r"partition", re.I), ["partition"]),
+    (re.compile(r"gres|gpu|tres", re.I), ["gpus_per_node", "partition"]),
+    (re.compile(r"time limit", re.I), ["timeout_min"]),
+    (re.compile(r"memory|mem", re.I), ["mem_gb"]),
+    (re.compile(r"node configuration|node count|cpu", re.I), ["mem_gb", "cpus_per_task", "gpus_per_node"]),
+]
+
+
+def keys_to_change(reason: str) -> List[str]:
+    """The Resources keys a rejection points at (for the message naming the profile key)."""
+    for pattern, keys in _REJECTION_KEYS:
+        if pattern.search(reason):
+            return keys
+    return ["partition", "account", "qos", "mem_gb", "cpus_per_task", "gpus_per_node", "extra"]
 
 
 def make_executor(cluster: str, folder: Path, resources: Resources, job_name: str,
-                  dependency: str = "") -> submitit.Executor:
+                  dependency: str = "", comment: str = "") -> submitit.Executor:
     """A submitit executor for one stage: Slurm, local subprocesses, or in-process debug."""
     if cluster == "slurm":
         ex: submitit.Executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
-        ex.update_parameters(**sbatch_params(resources, job_name, dependency))
+        ex.update_parameters(**sbatch_params(resources, job_name, dependency, comment))
     elif cluster == "local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=resources.timeout_min, gpus_per_node=resources.gpus_per_node)
@@ -90,14 +133,57 @@ def expand_job_id(job_id: str) -> List[str]:
     return out
 
 
+def job_sort_key(job_id: str) -> tuple:
+    """Numeric order of job ids: 99 before 100, 7_2 before 7_10."""
+    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[_.]", job_id))
+
+
+def afterok(job_ids: Iterable[str]) -> str:
+    """`afterok:` on these jobs or array tasks (sorted numerically); '' for none."""
+    ids = sorted(set(job_ids), key=job_sort_key)
+    return "afterok:" + ":".join(ids) if ids else ""
+
+
 def _array_ids(job_ids: Iterable[str]) -> List[str]:
-    return sorted({j.split("_")[0] for j in job_ids})
+    return sorted({j.split("_")[0] for j in job_ids}, key=job_sort_key)
+
+
+def parse_sacct(text: str, wanted: Iterable[str]) -> Dict[str, str]:
+    """`sacct -n -P -X -o JobID,State` output -> state of each wanted job or array task.
+
+    `CANCELLED by 0` becomes CANCELLED; a pending array's `123_[0-3%2]` line covers its tasks; an array
+    cancelled before any task started is one line `123` that covers them all.
+    """
+    states: Dict[str, str] = {}
+    for line in text.splitlines():
+        if "|" not in line:
+            continue
+        jid, state = line.split("|", 1)
+        for one in expand_job_id(jid.strip()):
+            states[one] = state.split()[0] if state.strip() else "UNKNOWN"
+    for job in wanted:
+        base = job.split("_")[0]
+        if job not in states and base in states:
+            states[job] = states[base]
+    return states
+
+
+def parse_squeue(text: str) -> Dict[str, str]:
+    """`squeue -h -r -o %i|%T` output -> state of each queued or running job or array task."""
+    states: Dict[str, str] = {}
+    for line in text.splitlines():
+        if "|" in line:
+            jid, state = line.split("|", 1)
+            for one in expand_job_id(jid.strip()):
+                states[one] = state.strip()
+    return states
 
 
 def query_states(job_ids: Iterable[str]) -> Dict[str, str]:
-    """Slurm state of each job or array task: one batched sacct call, squeue if accounting is off.
+    """Slurm state of each job or array task: one batched sacct call, overlaid with this user's squeue
+    (sacct lags behind a fresh submission: a job squeue lists is queued or running, whatever sacct says).
 
-    Tasks that are neither in sacct nor (fallback) queued come back absent.
+    Tasks that are neither in sacct nor queued come back absent.
     """
     wanted = list(job_ids)
     ids = _array_ids(wanted)
@@ -108,25 +194,12 @@ def query_states(job_ids: Iterable[str]) -> Dict[str, str]:
         proc = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
                               capture_output=True, text=True, timeout=60)
         if proc.returncode == 0:
-            for line in proc.stdout.splitlines():
-                if "|" not in line:
-                    continue
-                jid, state = line.split("|", 1)
-                for one in expand_job_id(jid.strip()):
-                    states[one] = state.split()[0] if state.strip() else "UNKNOWN"
-            for job in wanted:  # an array cancelled before any task started is one record: "123"
-                base = job.split("_")[0]
-                if job not in states and base in states:
-                    states[job] = states[base]
-            return states
+            states = parse_sacct(proc.stdout, wanted)
     if shutil.which("squeue"):
-        proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T"],
+        proc = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
                               capture_output=True, text=True, timeout=60)
-        for line in proc.stdout.splitlines():
-            if "|" in line:
-                jid, state = line.split("|", 1)
-                for one in expand_job_id(jid.strip()):
-                    states[one] = state.strip()
+        mine = set(ids)
+        states.update({j: s for j, s in parse_squeue(proc.stdout).items() if j.split("_")[0] in mine})
     return states
 
 
@@ -167,13 +240,14 @@ def queued_jobs_under(cluster: str, folder: Path) -> List[str]:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
+        # private module (submitit 1.5.4): what a running submitit job's command line holds
         if "submitit.core._submit" in cmd and any(arg.startswith(prefix) for arg in cmd):
             found.append(str(proc.info["pid"]))
     return sorted(found)
 
 
 def cancel(job_ids: Iterable[str]) -> None:
-    ids = sorted(set(job_ids))
+    ids = sorted(set(job_ids), key=job_sort_key)
     if ids and shutil.which("scancel"):
         subprocess.run(["scancel", *ids], check=False, capture_output=True, timeout=60)
 
@@ -199,5 +273,10 @@ def last_error_line(path: Path, max_bytes: int = 65536) -> Optional[str]:
     for pattern in (_SCHEDULER_LINE, _EXCEPTION_LINE):
         for ln in reversed(lines):
             if pattern.search(ln):
-                return ln[:400]
-    return lines[-1][:400] if lines else None
+                return _shortened(ln)
+    return _shortened(lines[-1]) if lines else None
+
+
+def _shortened(line: str, limit: int = 1200) -> str:
+    """A long line keeps its start and its end: an error's reason usually comes last."""
+    return line if len(line) <= limit else f"{line[:limit // 3]} [...] {line[-(limit * 2 // 3):]}"

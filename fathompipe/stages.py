@@ -6,6 +6,7 @@ marker, so the driver, status and resubmit all agree on what is finished. Adding
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
@@ -60,11 +61,17 @@ class DownloadTask:
             counts[rec.status] = counts.get(rec.status, 0) + 1
         return counts
 
+    def causes(self) -> Dict[str, int]:
+        """Why images of this shard failed: error -> count (e.g. `HTTP 503`: 9)."""
+        return dict(Counter(rec.error for rec in self.files.load_records().values() if rec.status == "failed"))
+
     def __call__(self) -> Dict[str, int]:
         summary = download_shard(self.annotations, self.images_dir, self.shard, self.num_shards, self.state_dir,
                                  self.split, self.options, progress=True)
         if not summary.complete:
-            raise StageFailed(f"{summary.line()}; records: {self.files.records}")
+            causes = Counter(self.causes()).most_common(3)
+            why = "; causes: " + ", ".join(f"{c} x{n}" for c, n in causes) if causes else ""
+            raise StageFailed(f"{summary.line()}{why}; records: {self.files.records}")
         return {"ok": summary.ok, "missing": summary.missing}
 
 
@@ -231,5 +238,12 @@ def downstream(name: str) -> List[Stage]:
 
 
 def job_name(run_root: Path, stage: str) -> str:
-    """`fp-<run>-<stage>`: readable in squeue next to the array index."""
-    return f"fp-{run_root.name}-{stage}"
+    """`<stage>.<run>`: the stage first, so squeue's default 8-character NAME column shows it
+    (`download`, `checkpoi`, `infer.ru`, `evaluate`); the full run directory goes in `--comment`."""
+    return f"{stage}.{run_root.name}"
+
+
+def job_comment(run_root: Path) -> str:
+    """`fathompipe:<run dir>`: which run a job belongs to (`squeue -O jobid,name,comment`); no blanks,
+    which an `#SBATCH` line would split on."""
+    return "fathompipe:" + "".join("_" if c.isspace() else c for c in str(run_root))

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .cli import quiet_pipe
 from .config import ConfigError, PipelineConfig, load_config
 from .driver import job_states
 from .paths import RunPaths
 from .runstate import RunState, RunStateError
-from .slurm import ACTIVE, last_error_line, log_paths
+from .slurm import ACTIVE, job_sort_key, last_error_line, log_paths
 from .stages import STAGES
 
 
@@ -28,8 +29,9 @@ class Failure:
     task: str
     job_id: str
     state: str
-    log: str
+    log: str  # '' when the job never ran (no log was written)
     last_line: Optional[str]
+    causes: Dict[str, int] = field(default_factory=dict)  # download: error -> images, most common first
 
 
 @dataclass
@@ -40,8 +42,11 @@ class StageStatus:
     tasks: int
     done: int = 0
     failed: int = 0
+    cancelled: int = 0
     running: int = 0
     pending: int = 0
+    not_submitted: int = 0
+    not_submitted_reason: str = ""
     items: Dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     failures: List[Failure] = field(default_factory=list)
@@ -64,7 +69,7 @@ def collect(paths: RunPaths, cfg: PipelineConfig, state: RunState) -> List[Stage
         st = state.stage(stage.name)
         latest = st.latest_jobs()
         tasks = stage.tasks(cfg, paths)
-        row = StageStatus(stage.name, sorted({s.job_id for s in st.submissions}), {}, len(tasks))
+        row = StageStatus(stage.name, sorted({s.job_id for s in st.submissions}, key=job_sort_key), {}, len(tasks))
         slurm_counts: Counter[str] = Counter()
         items: Counter[str] = Counter()
         for task in tasks:
@@ -76,14 +81,26 @@ def collect(paths: RunPaths, cfg: PipelineConfig, state: RunState) -> List[Stage
                 row.done += 1
             elif slurm == "RUNNING":
                 row.running += 1
-            elif slurm in ACTIVE or slurm == "NOT SUBMITTED":
+            elif slurm in ACTIVE:
                 row.pending += 1
+            elif slurm == "NOT SUBMITTED":
+                row.not_submitted += 1
+                row.not_submitted_reason = st.not_submitted or "never submitted (the submitting command stopped)"
             elif slurm == "UNKNOWN" and state.cluster == "slurm" and job and now - _submitted_at(st, job) < 60:
                 row.pending += 1  # just submitted; accounting has not caught up yet
             else:
-                row.failed += 1
-                log = log_paths(paths.logs(stage.name), job)["stderr"] if job else Path("-")
-                row.failures.append(Failure(task.key, job or "-", slurm, str(log), last_error_line(log)))
+                if slurm == "CANCELLED":
+                    row.cancelled += 1
+                else:
+                    row.failed += 1
+                log = log_paths(paths.logs(stage.name), job)["stderr"] if job else None
+                ran = log is not None and log.exists()
+                causes = getattr(task, "causes", dict)()
+                causes = dict(sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])))
+                row.failures.append(Failure(task.key, job or "-", slurm, str(log) if ran else "",
+                                            last_error_line(log) if ran else None, causes))
+        if row.not_submitted and st.not_submitted:
+            row.not_submitted_reason = st.not_submitted
         row.states = dict(slurm_counts)
         row.items = dict(items)
         if st.submissions:
@@ -100,10 +117,15 @@ def _submitted_at(st: object, job: str) -> float:
 
 
 def next_step(rows: List[StageStatus], paths: RunPaths) -> str:
-    failed = sum(r.failed for r in rows)
-    if failed:
-        what = ", ".join(f"{r.failed} {r.stage} task(s)" for r in rows if r.failed)
-        return f"{what} failed: python -m fathompipe.resubmit --run-dir {paths.root}"
+    what = [f"{r.failed} {r.stage} task(s) failed" for r in rows if r.failed]
+    what += [f"{r.cancelled} {r.stage} task(s) cancelled" for r in rows if r.cancelled]
+    what += [f"{r.stage} not submitted: {r.not_submitted_reason}" for r in rows if r.not_submitted]
+    busy = sum(r.running + r.pending for r in rows)
+    if what:
+        later = " (now, or when the jobs still queued or running are done)" if busy else ""
+        fix = " after fixing the profile (--profile P)" if any("sbatch refused" in r.not_submitted_reason
+                                                                 for r in rows) else ""
+        return f"{'; '.join(what)}. Next{later}{fix}: python -m fathompipe.resubmit --run-dir {paths.root}"
     if all(r.done == r.tasks for r in rows):
         return "all stages complete"
     return f"in progress; refresh with: python -m fathompipe.status --run-dir {paths.root} --watch"
@@ -115,18 +137,23 @@ def _fmt_elapsed(s: float) -> str:
 
 
 def render(rows: List[StageStatus], paths: RunPaths) -> str:
-    header = ["stage", "jobs", "slurm", "done", "failed", "running", "pending", "items", "elapsed"]
+    header = ["stage", "jobs", "slurm", "done", "failed", "cancelled", "running", "pending", "items", "elapsed"]
     table = [header]
     for r in rows:
         items = " ".join(f"{k}={v}" for k, v in sorted(r.items.items())) or "-"
         slurm = " ".join(f"{k}:{v}" for k, v in sorted(r.states.items()))
         table.append([r.stage, ",".join(r.job_ids) or "-", slurm, f"{r.done}/{r.tasks}", str(r.failed),
-                      str(r.running), str(r.pending), items, _fmt_elapsed(r.elapsed_s)])
+                      str(r.cancelled), str(r.running), str(r.pending), items, _fmt_elapsed(r.elapsed_s)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [f"run {paths.root}"] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     for r in rows:
+        if r.not_submitted:
+            lines.append(f"  {r.stage}: {r.not_submitted} task(s) not submitted: {r.not_submitted_reason}")
         for f in r.failures[:10]:
-            lines.append(f"  {r.stage} {f.task}: job {f.job_id} {f.state}; log {f.log}")
+            where = f"; log {f.log}" if f.log else " (never ran: no log)"
+            lines.append(f"  {r.stage} {f.task}: job {f.job_id} {f.state}{where}")
+            if f.causes:
+                lines.append("      causes: " + ", ".join(f"{c} x{n}" for c, n in list(f.causes.items())[:5]))
             if f.last_line:
                 lines.append(f"      {f.last_line}")
         if len(r.failures) > 10:
@@ -155,12 +182,13 @@ def main(argv: List[str] | None = None) -> int:
             if args.watch:
                 print("\033[2J\033[H", end="")
             print(render(rows, paths), flush=True)
-        if not args.watch or all(r.done == r.tasks or r.failed for r in rows if r.tasks):
+        if not args.watch or all(r.done == r.tasks or r.failed or r.cancelled or r.not_submitted
+                                 for r in rows if r.tasks):
             break
         time.sleep(args.watch)
         state = RunState.load(paths) or state
-    return 1 if any(r.failed for r in rows) else 0
+    return 1 if any(r.failed or r.cancelled or r.not_submitted for r in rows) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_pipe(main))

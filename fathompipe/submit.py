@@ -1,7 +1,11 @@
 """Submit the pipeline: `python -m fathompipe.submit [--profile P] [--run-dir R] [--cluster C] [--dry-run] [k=v ...]`.
 
-A second submit into the same run directory resumes (only unfinished tasks are queued) when none of
-its jobs is still queued or running, and refuses otherwise; it always says which. A run whose
+Nothing is queued unless pre-flight passes (annotation files, writable directories, every stage's
+script accepted by `sbatch --test-only`); `--dry-run` prints the scripts and runs the same checks.
+A second submit into the same run directory resumes: unfinished tasks whose jobs are not queued or
+running are submitted, chained onto the ones that are; the configuration must be the same, except the
+`resources` of stages without finished work. After a stage's sbatch is refused, fix the profile and
+run the same submit command again. A run whose
 run.json was lost or damaged is refused; `--rebuild-state` rebuilds it from the completion markers
 on disk (only when the scheduler shows no job of the run) and resumes.
 """
@@ -14,32 +18,16 @@ import subprocess
 import sys
 from typing import List
 
-from omegaconf import OmegaConf
 
 from . import atomic
+from .cli import quiet_pipe
 from .config import ConfigError, PipelineConfig, load_config, to_yaml
-from .driver import SubmitError, active_unfinished, run_lock, submit_stages
+from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
 from .paths import RunPaths
+from .preflight import check_scripts, preflight
 from .runstate import RunState, RunStateError
 from .slurm import queued_jobs_under, render_sbatch
-from .stages import STAGES, job_name
-
-
-def _config_difference(paths: RunPaths, new_yaml: str) -> str:
-    """The first key whose value differs between the stored and the new configuration."""
-    old = OmegaConf.to_container(OmegaConf.load(paths.config))
-    new = OmegaConf.to_container(OmegaConf.create(new_yaml))
-
-    def walk(a: object, b: object, prefix: str) -> str:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
-                if d:
-                    return d
-            return ""
-        return "" if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
-
-    return walk(old, new, "")
+from .stages import STAGES, job_comment, job_name
 
 
 def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> RunState:
@@ -87,14 +75,26 @@ def main(argv: List[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = RunPaths.of(cfg.run_dir)
+    source = args.profile or "the defaults"
     if args.dry_run:
         for stage in STAGES:
             n = len(stage.tasks(cfg, paths))
             dep = "afterok:<" + ",".join(stage.after) + " job ids>" if stage.after else ""
             print(f"# ---- stage {stage.name}: {n} task(s) ----")
-            print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep))
+            print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep,
+                                comment=job_comment(paths.root)))
+    existing = paths.run_json.exists() and not args.dry_run
+    errors = preflight(cfg, paths, source, {} if existing else None)  # a resume's scripts: checked below
+    if errors:
+        print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print("# pre-flight passed: annotations valid, directories writable"
+              + (", every script accepted by sbatch --test-only" if cfg.cluster == "slurm" else ""))
         return 0
     config_yaml = to_yaml(cfg)
+    again = shlex.join(["python", "-m", "fathompipe.submit",
+                        *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--rebuild-state"]])
     try:
         with run_lock(paths):
             try:
@@ -106,26 +106,22 @@ def main(argv: List[str] | None = None) -> int:
             if state is None:
                 state = RunState(cluster=cfg.cluster)
                 atomic.write_text(paths.config, config_yaml)
+                state.save(paths)  # before the first sbatch: a refused one leaves a reusable run directory
                 reason = "submit"
                 print(f"new run in {paths.root} (cluster: {cfg.cluster})")
             else:
-                diff = _config_difference(paths, config_yaml)
-                if diff:
-                    raise SubmitError(f"{paths.root} was submitted with another configuration ({diff}). "
-                                      f"Use a new --run-dir, or the same profile and overrides to resume.")
-                busy = active_unfinished(cfg, paths, state)
-                if busy:
-                    raise SubmitError(f"refusing: {len(busy)} job(s) of this run are still queued or running "
-                                      f"({', '.join(sorted(t.job for t in busy)[:5])}). Watch them with "
-                                      f"`python -m fathompipe.status --run-dir {paths.root}`.")
+                adopt_config(cfg, paths, state, config_yaml, print)
+                counts = submission_counts(cfg, paths, state, [s.name for s in STAGES])
+                errors = check_scripts(cfg, paths, source, counts) if cfg.cluster == "slurm" else []
+                if errors:
+                    raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
                 reason = "resume"
-                print(f"resuming {paths.root}: only unfinished tasks are submitted")
+                print(f"resuming {paths.root}: only unfinished tasks that are not queued or running are submitted")
             state.log(reason)
-            submit_stages(cfg, paths, state, [s.name for s in STAGES], reason, print)
+            submit_stages(cfg, paths, state, [s.name for s in STAGES], reason, print, retry=again)
             state.save(paths)
     except RunStateError as exc:
-        again = shlex.join([*(sys.argv[1:] if argv is None else argv), "--rebuild-state"])
-        print(f"error: {exc}\nexactly: python -m fathompipe.submit {again}", file=sys.stderr)
+        print(f"error: {exc}\nexactly: {again} --rebuild-state", file=sys.stderr)
         return 1
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -142,4 +138,4 @@ def main(argv: List[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_pipe(main))

@@ -1,8 +1,10 @@
 """Safe loading of the Lightning checkpoint and the slim inference export."""
 import os
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import PARITY
 from fathompipe.checkpoint import (CheckpointError, SlimFiles, export_slim, load_lightning_checkpoint, load_model,
@@ -22,16 +24,47 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def test_forbidden_global_is_refused_and_nothing_runs(tmp_path):
-    ckpt = load_lightning_checkpoint(PARITY / "model.ckpt")
+class Recorder:
+    """A stand-in for a newer library's callback state: a class the allowlist does not know."""
+
+    def __init__(self):
+        self.best = np.float64(0.5)  # a numpy scalar, as a metric tracker keeps it
+
+
+def _with(tmp_path, where: str, value) -> "Path":
+    ckpt = dict(load_lightning_checkpoint(PARITY / "model.ckpt"))
+    if where == "state_dict":
+        ckpt["state_dict"] = {**ckpt["state_dict"], "extra": value}
+    elif where == "hyper_parameters":
+        ckpt["hyper_parameters"] = {**dict(ckpt["hyper_parameters"]), "extra": value}
+    else:
+        ckpt[where] = {"extra": value}
+    path = tmp_path / f"{where}.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["callbacks", "optimizer_states", "loops", "lr_schedulers"])
+def test_unknown_globals_outside_the_weights_get_inert_stand_ins(tmp_path, capsys, parity_copy, where):
     marker = tmp_path / "pwned"
-    ckpt["callbacks"] = {"evil": Payload(str(marker))}
-    path = tmp_path / "evil.ckpt"
-    torch.save(dict(ckpt), path)
+    path = _with(tmp_path, where, [Recorder(), np.int64(3), Payload(str(marker))])
+    slim = export_slim(path, ENCODER)
+    assert not marker.exists()  # the malicious reduce was recorded, never called
+    out = capsys.readouterr().out
+    assert "inert stand-ins" in out and "test_checkpoint.Recorder" in out and "open" in out
+    got, want = load_file(str(slim.weights)), load_file(str(export_slim(parity_copy, ENCODER).weights))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # the same weights
+
+
+@pytest.mark.parametrize("where", ["state_dict", "hyper_parameters"])
+def test_unknown_global_where_inference_looks_is_refused_and_nothing_runs(tmp_path, where):
+    marker = tmp_path / "pwned"
+    path = _with(tmp_path, where, Payload(str(marker)))
     with pytest.raises(CheckpointError) as exc:
         export_slim(path, ENCODER)
-    message = str(exc.value)
-    assert "allowlist" in message and "open" in message and "Nothing from it was executed" in message
+    msg = str(exc.value)
+    assert f"{where}['extra'] holds the pickle global" in msg and "open" in msg
+    assert "Nothing from it was executed" in msg
     assert not marker.exists()
     assert not SlimFiles.beside(path).meta.exists()
 

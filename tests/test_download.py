@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from conftest import DATA, ROOT
+from conftest import DATA, PARITY, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.config import DownloadConfig
 from fathompipe.download import ShardFiles, download_shard, retry_after_seconds
-from fathompipe.fakeserver import Faults, ServerThread
+from fathompipe.fakeserver import FakeFathomNet, Faults, ServerThread
 from fathompipe.synthetic import synthetic_png
+from pipeline_helpers import cli, write_profile
 
 FAST = dict(backoff_base_s=0.02, backoff_max_s=2.0, connect_timeout_s=5, read_timeout_s=5)
 
@@ -170,3 +171,34 @@ def test_retry_after_parsing():
     assert retry_after_seconds("3") == 3.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert 0 <= retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") < 1
+
+
+class Forbidden(FakeFathomNet):
+    """A proxy or CDN that answers 403 for the files in `forbidden`."""
+
+    forbidden: set = set()
+
+    async def handle(self, request):
+        name = request.match_info["name"]
+        if name in self.forbidden:
+            self.requests[name] += 1
+            return web.Response(status=403, text="forbidden")
+        return await super().handle(request)
+
+
+def test_403_is_retried_then_the_shard_is_incomplete_and_status_names_it(tmp_path, fake_fathomnet, parity_copy):
+    server, ann = fake_fathomnet(PARITY / "dataset.json", server_class=Forbidden, source_dir=PARITY / "images")
+    victim = json.loads(ann.read_text())["images"][1]["file_name"]  # image 2: shard 1 of 3
+    Forbidden.forbidden = {victim}
+    summary = download_shard(ann, tmp_path / "direct", 1, 3, options=DownloadConfig(max_attempts=3, **FAST),
+                             progress=False)
+    files = ShardFiles.of(tmp_path / "direct" / ".fathompipe", "srv", 1, 3)
+    assert not summary.complete and summary.failed == 1 and summary.missing == 0 and not files.marker.exists()
+    rec = [r for r in files.load_records().values() if r.status == "failed"][0]
+    assert rec.error == "HTTP 403" and rec.attempts == 3 and server.requests[victim] == 3  # bounded retries
+
+    profile = write_profile(tmp_path, ann, parity_copy, "local")
+    assert cli("submit", "--profile", str(profile)).returncode == 1
+    status = cli("status", "--run-dir", str(tmp_path / "run"))
+    assert status.returncode == 1 and "download test/1" in status.stdout and "causes: HTTP 403 x1" in status.stdout
+    assert not list((tmp_path / "run" / "download").glob("*00001-of-00003.done"))

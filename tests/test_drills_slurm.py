@@ -34,7 +34,7 @@ def test_download_shard_killed_mid_way(slurm, tmp_path, fake_fathomnet, parity_c
     wait_for(lambda: records.exists() and len(records.read_text().splitlines()) >= 1, "a first finished image")
     subprocess.run(["scancel", "--signal=KILL", task_job(run_dir, "download", "test/1")], check=True)  # no clean-up
 
-    stages = wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] == 1)
+    stages = wait_status(run_dir, lambda s: settled(s) and s["download"]["failed"] + s["download"]["cancelled"] == 1)
     failure = stages["download"]["failures"][0]
     assert failure["task"] == "test/1" and stages["infer"]["done"] == 0
     assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
@@ -99,7 +99,7 @@ def test_inference_reaches_its_time_limit_then_user_scancel(slurm, tmp_path, fak
 
     at_cancel = snapshot(server, tmp_path / "images", run_dir)  # the user now cancels the job by hand
     subprocess.run(["scancel", job], check=True)
-    stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["failed"] == 1)
+    stages = wait_status(run_dir, lambda s: settled(s) and s["infer"]["cancelled"] == 1)
     assert stages["infer"]["failures"][0]["state"] == "CANCELLED" and stages["evaluate"]["done"] == 0
     assert f"python -m fathompipe.resubmit --run-dir {run_dir}" in status_json(run_dir)["next"]
 

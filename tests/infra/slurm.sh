@@ -3,6 +3,13 @@
 # Usage: tests/infra/slurm.sh up|down|status
 # Facts this relies on are in shared/notes/local-slurm.md: no systemd, so each daemon is started
 # by hand in dependency order (munge, MariaDB, slurmdbd, slurmctld, slurmd) and waited for.
+# Like PACE it enforces accounting (AccountingStorageEnforce=associations,limits,qos, EnforcePartLimits=ALL):
+# a job naming an unknown account or QOS, or over a partition's memory or GPU limit, is refused at sbatch.
+# The account `fathompipe` with QOS `fathompipe` (MaxTRESPerJob gpu=1) and `fathompipe-3jobs`
+# (MaxSubmitJobsPerUser=3) is there for tests to name; root keeps
+# its default account `root`, so a job that names no account still runs. `up` is idempotent: on a cluster
+# that is already up it changes only what differs and applies it with `scontrol reconfigure` (a slurmctld
+# restart, which keeps queued and running jobs, only if reconfigure cannot apply it).
 set -euo pipefail
 
 NODE=$(hostname -s)
@@ -31,9 +38,12 @@ install_packages() {
     munge slurmctld slurmd slurm-client mariadb-server slurmdbd >/dev/null
 }
 
+GPU_MAX_MEM_MB=$(( MEM_MB * 9 / 10 ))
+CPU_MAX_MEM_MB=$(( MEM_MB * 3 / 4 ))
+
 write_config() {
   install -d -m0755 $CONF /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm
-  cat > $CONF/slurm.conf <<CONF
+  cat > $CONF/slurm.conf.new <<CONF
 ClusterName=localcluster
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
@@ -53,6 +63,9 @@ TaskPlugin=task/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
+AccountingStorageEnforce=associations,limits,qos
+AccountingStorageTRES=gres/gpu
+EnforcePartLimits=ALL
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
@@ -66,9 +79,11 @@ MinJobAge=300
 KillWait=5
 GresTypes=gpu
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
-PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE MaxMemPerNode=$CPU_MAX_MEM_MB State=UP
+PartitionName=gpu Nodes=$NODE MaxTime=INFINITE MaxMemPerNode=$GPU_MAX_MEM_MB State=UP
 CONF
+  if cmp -s $CONF/slurm.conf.new $CONF/slurm.conf && pgrep -x slurmctld >/dev/null && enforcing; then rm $CONF/slurm.conf.new; CHANGED=0
+  else mv $CONF/slurm.conf.new $CONF/slurm.conf; CHANGED=1; fi
   cat > $CONF/gres.conf <<CONF
 AutoDetect=off
 NodeName=$NODE Name=gpu File=/dev/null
@@ -91,6 +106,23 @@ CONF
   chmod 600 $CONF/slurmdbd.conf
 }
 
+setup_accounts() {  # idempotent: sacctmgr answers "Nothing new added" for what exists
+  sacctmgr -i add qos fathompipe >/dev/null 2>&1 || true
+  sacctmgr -i modify qos fathompipe set MaxTRESPerJob=gres/gpu=1 >/dev/null
+  # a QOS that admits 3 queued jobs per user: sbatch --test-only passes, the 4th real sbatch is refused
+  sacctmgr -i add qos fathompipe-3jobs >/dev/null 2>&1 || true
+  sacctmgr -i modify qos fathompipe-3jobs set MaxSubmitJobsPerUser=3 >/dev/null
+  sacctmgr -i add account fathompipe Description=fathompipe-tests Organization=fathompipe >/dev/null 2>&1 || true
+  sacctmgr -i add user root Account=root DefaultAccount=root >/dev/null 2>&1 || true
+  sacctmgr -i add user root Account=fathompipe >/dev/null 2>&1 || true
+  sacctmgr -i modify user root where account=fathompipe set QOS=normal,fathompipe,fathompipe-3jobs DefaultQOS=normal >/dev/null
+}
+
+enforcing() {
+  scontrol show config | grep -E '^AccountingStorageEnforce' | grep -q qos \
+    && scontrol show config | grep -E '^AccountingStorageTRES' | grep -q gres/gpu
+}
+
 node_idle() { sinfo -h -N -o %t | grep -qE '^(idle|mix|alloc)'; }
 
 up() {
@@ -111,8 +143,17 @@ up() {
   if ! pgrep -x slurmdbd >/dev/null; then slurmdbd; fi
   wait_for 60 "slurmdbd" sacctmgr -n list cluster
   sacctmgr -i add cluster localcluster >/dev/null 2>&1 || true
-  if ! pgrep -x slurmctld >/dev/null; then slurmctld; fi
+  if ! pgrep -x slurmctld >/dev/null; then slurmctld
+  elif [ "$CHANGED" = 1 ]; then
+    scontrol reconfigure
+    if ! enforcing; then  # some settings need a restart; slurmctld keeps its jobs in StateSaveLocation
+      log "restarting slurmctld to apply the new slurm.conf"
+      pkill -x slurmctld; wait_for 30 "slurmctld to stop" bash -c "! pgrep -x slurmctld"; slurmctld
+    fi
+  fi
   wait_for 60 "slurmctld" bash -c "scontrol ping | grep -q UP"
+  enforcing || { log "accounting enforcement is not on"; return 1; }
+  setup_accounts
   if ! pgrep -x slurmd >/dev/null; then slurmd; fi
   wait_for 30 "slurmd to register" bash -c "sinfo -h -N | grep -q ."
   if ! node_idle; then scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true; fi
