@@ -1,7 +1,8 @@
 """What the evaluate stage is given: plain, picklable, light to import (status reads them).
 
-No secret is ever held here: a FiftyOne Enterprise deployment is a name, and its URI and key are
-read inside the job (fathompipe/fiftyone_env.py).
+No API key is ever held here: a FiftyOne Enterprise deployment is a name, and its URI and key are
+read inside the job (fathompipe/fiftyone_env.py). A database password belongs in FIFTYONE_DATABASE_URI
+in the environment or .env, not in `database_uri`, which travels in the job's pickle.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class SplitInputs:
 
 @dataclass(frozen=True)
 class FiftyOneTarget:
-    """Where and how the stage writes in FiftyOne (no secrets: those are read from the environment)."""
+    """Where and how the stage writes in FiftyOne."""
 
     dataset: str = "fathomnet-2025"
     field: str = "model_predictions"

@@ -159,7 +159,7 @@ def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 class EvaluateTask:
     """ONE task for every selected split, evaluated in turn: parallel tasks would each start FiftyOne's
     bundled mongod on the same directory (the second fails). Each split keeps its own report directory
-    and `evaluate.done`; a rerun skips finished splits. Holds no secret (deployments are read in the job)."""
+    and `evaluate.done`; a rerun skips finished splits. Holds no API key (deployments are read in the job)."""
 
     splits: Tuple[SplitInputs, ...]
     naming: str

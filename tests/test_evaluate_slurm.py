@@ -60,7 +60,7 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
     proc = fathompipe("submit", "--profile", str(profile), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "evaluate: submitted 1 task(s)" in proc.stdout
-    stages = wait_status(run_dir, settled, timeout=900)
+    stages = wait_status(run_dir, settled, timeout=1800)
     assert all_done(stages) and not any(s["failed"] for s in stages.values()), json.dumps(stages, indent=1)
     assert stages["evaluate"]["items"] == {"reports": 2}
     for split in ("train", "test"):
@@ -96,7 +96,7 @@ def test_deployment_key_never_leaves_the_job(slurm, tmp_path, fake_fathomnet, pa
     outputs = [fathompipe("submit", "--profile", str(profile), "--dry-run", env=env)]
     outputs.append(fathompipe("submit", "--profile", str(profile), env=env))
     assert outputs[-1].returncode == 0, outputs[-1].stderr
-    stages = wait_status(run_dir, lambda s: settled(s) and s["evaluate"]["failed"] == 1, timeout=900)
+    stages = wait_status(run_dir, lambda s: settled(s) and s["evaluate"]["failed"] == 1, timeout=1800)
     assert stages["infer"]["done"] == 2
     line = stages["evaluate"]["failures"][0]["last_line"]
     assert "deployment 'lab' (https://lab.fiftyone.invalid) selects FiftyOne Enterprise" in line, line
