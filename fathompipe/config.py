@@ -100,6 +100,10 @@ class EvaluateConfig:
     field: str = "model_predictions"  # the predictions field on each sample
     eval_key: str = "eval_model"
     database_uri: Optional[str] = None  # an external MongoDB; default: FiftyOne's bundled database
+    # FiftyOne Enterprise: NAME maps NAME_FIFTYONE_API_URI/NAME_FIFTYONE_API_KEY (read inside the job from the
+    # environment or .env, never stored here) onto FIFTYONE_API_URI/FIFTYONE_API_KEY
+    deployment: Optional[str] = None
+    env_file: Optional[str] = None  # the .env the job reads; default: .env in the job's working directory or above
 
 
 @dataclass
@@ -174,6 +178,8 @@ def _expand_paths(cfg: PipelineConfig, source: str) -> None:
     cfg.checkpoint.path = expand_path(cfg.checkpoint.path, "checkpoint.path", source)
     if cfg.infer.encoder_config:
         cfg.infer.encoder_config = expand_path(cfg.infer.encoder_config, "infer.encoder_config", source)
+    if cfg.evaluate.env_file:
+        cfg.evaluate.env_file = expand_path(cfg.evaluate.env_file, "evaluate.env_file", source)
 
 
 def _check(ok: bool, source: str, key: str, value: Any, why: str) -> None:
@@ -214,6 +220,11 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     _check(bool(re.fullmatch(r"[A-Za-z0-9_]+", e.eval_key)), source, "evaluate.eval_key", e.eval_key,
            "letters, digits and _ only (FiftyOne stores it as a field name)")
     _check(bool(e.dataset.strip()), source, "evaluate.dataset", e.dataset, "must not be empty")
+    if e.deployment is not None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_]+", e.deployment)), source, "evaluate.deployment", e.deployment,
+               "letters, digits and _ only (it prefixes NAME_FIFTYONE_API_URI and NAME_FIFTYONE_API_KEY)")
+        _check(not e.database_uri, source, "evaluate.database_uri", "(set)",
+               "choose one of evaluate.database_uri and evaluate.deployment")
     if e.database_uri:
         _check(e.database_uri.startswith(("mongodb://", "mongodb+srv://")), source, "evaluate.database_uri",
                redact({"uri": e.database_uri})["uri"], "must start with mongodb:// or mongodb+srv://")

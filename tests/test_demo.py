@@ -12,7 +12,7 @@ def test_demo_end_to_end_then_rerun_resumes(fiftyone_db, tmp_path):
         assert f"{stage}: done" in out
     assert "report:" in out and "mean hierarchical distance" in out and "launch_app" in out
     done = json.loads((tmp_path / "demo/evaluate/train/evaluate.done").read_text())
-    assert done["fiftyone"]["predictions"] == 86 and done["fiftyone"]["saved_view"] == "eval_model-disagreements"
+    assert done["fiftyone"]["predictions"] == 86 and done["fiftyone"]["saved_view"] == "eval_model_train-disagreements"
     metrics = json.loads((tmp_path / "demo/evaluate/train/metrics.json").read_text())
     assert metrics["n_annotations"] == 86 and metrics["n_missing_predictions"] == 0
     again = cli("demo", "--run-dir", str(tmp_path / "demo"))

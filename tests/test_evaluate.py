@@ -14,6 +14,7 @@ import pytest
 from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run
+from fathompipe.evaluate_inputs import FiftyOneTarget
 from fathompipe.synthetic import train_like_coco
 
 TEST_JSON = DATA / "dataset_test.json"
@@ -50,7 +51,7 @@ def train_like(tmp_path_factory):
 
 def test_labelled_metrics_follow_the_official_rule(train_like, tmp_path):
     ds, ann, pred_path, preds = train_like
-    run(ann, pred_path, tmp_path / "report", split="train", use_fiftyone=False)
+    run(ann, pred_path, tmp_path / "report", split="train", fiftyone=None)
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     matrix = official_matrix()
     by_id = dict(zip(preds.annotation_id, preds.concept_name))
@@ -70,7 +71,7 @@ def test_labelled_metrics_follow_the_official_rule(train_like, tmp_path):
 
 
 def test_unlabelled_split_says_no_score(tmp_path):
-    run(TEST_JSON, WINNER, tmp_path / "r", use_fiftyone=False)
+    run(TEST_JSON, WINNER, tmp_path / "r", fiftyone=None)
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert not m["labelled"] and "mean_hierarchical_distance" not in m
     assert "no score can be computed" in m["note"] and sum(m["prediction_counts"].values()) == 788
@@ -78,9 +79,10 @@ def test_unlabelled_split_says_no_score(tmp_path):
 
 
 def test_fiftyone_test_split_import_is_idempotent(fiftyone_db, tmp_path):
-    result = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", dataset_name="fn-test-split")
+    target = FiftyOneTarget("fn-test-split")
+    result = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", fiftyone=target)
     assert result["fiftyone"]["samples"] == 325 and result["fiftyone"]["predictions"] == 788
-    again = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", dataset_name="fn-test-split")
+    again = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", fiftyone=target)
     assert again["fiftyone"]["predictions"] == 788 and again["fiftyone"]["samples"] == 325
     import fiftyone as fo
     ds = fo.load_dataset("fn-test-split")
@@ -98,11 +100,12 @@ def test_fiftyone_test_split_import_is_idempotent(fiftyone_db, tmp_path):
 
 def test_existing_dataset_is_matched_not_reingested(fiftyone_db, tmp_path):
     import fiftyone as fo
-    run(TEST_JSON, WINNER, tmp_path / "a", images_dir="/mnt/their/test_images", dataset_name="fn-existing",
-        field="first")
+    run(TEST_JSON, WINNER, tmp_path / "a", images_dir="/mnt/their/test_images",
+        fiftyone=FiftyOneTarget("fn-existing", field="first"))
     ds = fo.load_dataset("fn-existing")
     ids = set(ds.values("id"))
-    run(TEST_JSON, WINNER, tmp_path / "b", images_dir="/elsewhere", dataset_name="fn-existing", field="second")
+    run(TEST_JSON, WINNER, tmp_path / "b", images_dir="/elsewhere",
+        fiftyone=FiftyOneTarget("fn-existing", field="second"))
     ds.reload()
     assert set(ds.values("id")) == ids and ds.first().filepath.startswith("/mnt/their/test_images/")
     assert ds.count("second.detections") == 788
@@ -110,18 +113,18 @@ def test_existing_dataset_is_matched_not_reingested(fiftyone_db, tmp_path):
 
 def test_train_sized_dataset_with_evaluation_and_saved_view(fiftyone_db, train_like, tmp_path):
     ds_coco, ann, pred_path, preds = train_like
-    result = run(ann, pred_path, tmp_path / "r", split="train", images_dir="/data/train", dataset_name="fn-train",
-                 eval_key="eval_winner")
+    result = run(ann, pred_path, tmp_path / "r", split="train", images_dir="/data/train",
+                 fiftyone=FiftyOneTarget("fn-train", eval_key="eval_winner"))
     info = result["fiftyone"]
     assert info["samples"] == 8980 and info["predictions"] == len(preds)
     import fiftyone as fo
     from fiftyone import ViewField as F
     ds = fo.load_dataset("fn-train")
-    assert "eval_winner" in ds.list_evaluations()
-    results = ds.load_evaluation_results("eval_winner")
+    assert "eval_winner_train" in ds.list_evaluations()
+    results = ds.load_evaluation_results("eval_winner_train")
     wrong = int((preds.concept_name != preds.annotation_id.map(
         {a.id: ds_coco.categories[a.category_id] for a in ds_coco.annotations})).sum())
-    view = ds.load_saved_view("eval_winner-disagreements")
+    view = ds.load_saved_view("eval_winner_train-disagreements")
     assert len(view) == wrong  # every disagreement, as a patch
     conf = view.values("model_predictions.confidence")
     assert conf == sorted(conf, reverse=True)

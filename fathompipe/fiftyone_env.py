@@ -1,0 +1,113 @@
+"""Which FiftyOne database a job talks to, chosen inside the job before fiftyone is imported.
+
+FiftyOne reads its connection from the environment at import time: FiftyOne's bundled MongoDB
+(default), an external MongoDB (`FIFTYONE_DATABASE_URI`, or `evaluate.database_uri`), or FiftyOne
+Enterprise through its API (`FIFTYONE_API_URI` + `FIFTYONE_API_KEY`, Enterprise SDK only).
+A named deployment, as in the researchers' scripts, maps `<NAME>_FIFTYONE_API_URI`/`_KEY` onto the
+two plain variables. Values come from the environment or a `.env` file and are read here, at run
+time, so no secret is ever part of a configuration, a job script, a pickle or a log.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+from .config import redact
+
+API_URI, API_KEY = "FIFTYONE_API_URI", "FIFTYONE_API_KEY"
+
+
+class FiftyOneSetupError(RuntimeError):
+    """FiftyOne cannot be used as configured; the message says what to change."""
+
+
+def dotenv_file(env_file: Optional[str] = None) -> Optional[Path]:
+    """`env_file` if given (it must exist), else the first `.env` in the working directory or above."""
+    if env_file:
+        path = Path(env_file).expanduser()
+        if not path.is_file():
+            raise FiftyOneSetupError(f"evaluate.env_file={env_file!r}: file does not exist")
+        return path
+    from dotenv import find_dotenv
+    found = find_dotenv(usecwd=True)
+    return Path(found) if found else None
+
+
+def load_dotenv_fiftyone(path: Optional[Path]) -> None:
+    """FiftyOne's variables from `path` (FIFTYONE_* and <NAME>_FIFTYONE_*) into the environment;
+    the environment wins, as with python-dotenv's load_dotenv. Other variables stay out."""
+    if path is None:
+        return
+    from dotenv import dotenv_values
+    for key, value in dotenv_values(path).items():
+        if value is not None and (key.startswith("FIFTYONE_") or "_FIFTYONE_" in key):
+            os.environ.setdefault(key, value)
+
+
+def use_deployment(name: str, source: str) -> str:
+    """Map `<NAME>_FIFTYONE_API_URI`/`_KEY` onto FIFTYONE_API_URI/KEY; returns the URI (not secret)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise FiftyOneSetupError(f"deployment {name!r}: letters, digits and _ only (it prefixes variable names)")
+    prefix = name.upper()
+    uri, key = os.environ.get(f"{prefix}_{API_URI}"), os.environ.get(f"{prefix}_{API_KEY}")
+    missing = [v for v, value in ((f"{prefix}_{API_URI}", uri), (f"{prefix}_{API_KEY}", key)) if not value]
+    if missing:
+        raise FiftyOneSetupError(f"deployment {name!r}: {' and '.join(missing)} not set in the environment or "
+                                 f"{source}. Add them to a .env file in the directory you submit from (or set "
+                                 f"evaluate.env_file), e.g. {prefix}_{API_URI}=https://<your deployment>")
+    os.environ[API_URI], os.environ[API_KEY] = uri, key  # type: ignore[assignment]
+    return uri  # type: ignore[return-value]
+
+
+def api_connection() -> bool:
+    """True when FiftyOne talks to an Enterprise API server rather than to MongoDB directly."""
+    return bool(os.environ.get(API_URI) or os.environ.get(API_KEY))
+
+
+def enterprise_sdk_installed() -> bool:
+    return importlib.util.find_spec("fiftyone.management") is not None
+
+
+def configure(database_uri: Optional[str] = None, deployment: Optional[str] = None,
+              env_file: Optional[str] = None) -> Dict[str, str]:
+    """Set FiftyOne's connection variables for this process; returns a description fit for logs."""
+    path = dotenv_file(env_file)
+    load_dotenv_fiftyone(path)
+    source = str(path) if path else "a .env file (none found)"
+    where: Dict[str, str] = {}
+    if deployment:
+        where["deployment"] = deployment
+        where["api_uri"] = redact({"u": use_deployment(deployment, source)})["u"]
+    elif os.environ.get(API_URI):
+        where["api_uri"] = redact({"u": os.environ[API_URI]})["u"]
+    if api_connection():
+        if not enterprise_sdk_installed():
+            named = f"deployment {deployment!r} ({where['api_uri']}) selects" if deployment else \
+                f"{API_URI}/{API_KEY} are set and select"
+            raise FiftyOneSetupError(
+                f"{named} FiftyOne Enterprise, but the installed FiftyOne is the open-source package, which "
+                f"ignores them and would write to a local database instead. Install Voxel51's Enterprise SDK "
+                f"(FIFTYONE_ENTERPRISE_INDEX_URL=<private index URL> bash setup.sh), or remove the deployment "
+                f"(and unset {API_URI}/{API_KEY}) to use the local or `evaluate.database_uri` database.")
+        if database_uri:
+            raise FiftyOneSetupError("evaluate.database_uri and a FiftyOne Enterprise API connection are both set; "
+                                     "choose one")
+    if database_uri:
+        os.environ["FIFTYONE_DATABASE_URI"] = database_uri
+    if os.environ.get("FIFTYONE_DATABASE_URI") and not api_connection():
+        where["database"] = redact({"u": os.environ["FIFTYONE_DATABASE_URI"]})["u"]
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")  # the bundled mongod 6.0 warns otherwise
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    return where
+
+
+def describe(where: Dict[str, str]) -> str:
+    if "api_uri" in where:
+        name = f" deployment '{where['deployment']}'" if "deployment" in where else ""
+        return f"FiftyOne Enterprise{name} at {where['api_uri']}"
+    if "database" in where:
+        return f"the MongoDB at {where['database']}"
+    return "FiftyOne's bundled database"
