@@ -116,7 +116,8 @@ def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
     except pickle.UnpicklingError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
         raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
-                              f"({detail}). Nothing from it was executed. Use the winner's original checkpoint.") from None
+                              f"({detail}). Nothing from it was executed. Use the winner's original "
+                              "checkpoint.") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
                                 f"truncated or corrupt") from None

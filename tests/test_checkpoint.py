@@ -1,5 +1,6 @@
 """Safe loading of the Lightning checkpoint and the slim inference export."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ class Recorder:
         self.best = np.float64(0.5)  # a numpy scalar, as a metric tracker keeps it
 
 
-def _with(tmp_path, where: str, value) -> "Path":
+def _with(tmp_path: Path, where: str, value: object) -> Path:
     ckpt = dict(load_lightning_checkpoint(PARITY / "model.ckpt"))
     if where == "state_dict":
         ckpt["state_dict"] = {**ckpt["state_dict"], "extra": value}

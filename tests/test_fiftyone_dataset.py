@@ -39,7 +39,7 @@ def raw_docs(ds, split: str) -> Dict[object, dict]:
 
 def first_diff(a: object, b: object, path: str = "") -> str:
     """Where two stored documents first differ: a readable assertion message."""
-    if type(a) != type(b):
+    if type(a) is not type(b):
         return f"{path}: {type(a).__name__} {a!r:.200} != {type(b).__name__} {b!r:.200}"
     if isinstance(a, dict):
         for k in set(a) | set(b):

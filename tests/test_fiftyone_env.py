@@ -83,7 +83,8 @@ def test_cli_deployment_flag_reads_dotenv_in_the_working_directory(tmp_path):
     (tmp_path / ".env").write_text(f"MURILO_FIFTYONE_API_URI=https://murilo.example\nMURILO_FIFTYONE_API_KEY={KEY}\n")
     env = {k: v for k, v in os.environ.items() if "FIFTYONE_API" not in k}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "fathompipe.evaluate", "--annotations", str(DATA / "dataset_test.json"),
+    proc = subprocess.run([sys.executable, "-m", "fathompipe.evaluate",
+                           "--annotations", str(DATA / "dataset_test.json"),
                            "--predictions", str(DATA / "winner_test_predictions.csv"), "--report-dir",
                            str(tmp_path / "r"), "--deployment", "murilo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
