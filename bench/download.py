@@ -68,7 +68,7 @@ print(json.dumps({"seconds": seconds, "peak_mb": own + (n * child if n > 1 else 
 
 
 def _image(args: tuple) -> None:
-    from fathompipe.synthetic import synthetic_png
+    from support.synthetic import synthetic_png
     path, w, h, seed = args
     if not path.exists():
         path.write_bytes(synthetic_png(w, h, seed, noise=0.5))
@@ -93,7 +93,7 @@ def free_port() -> int:
 
 def run_client(code: str, template: Path, serve_dir: Path, work: Path, faults: str, latency_ms: float) -> dict:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fathompipe.fakeserver", "--dir", str(serve_dir), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "support.fakeserver", "--dir", str(serve_dir), "--port",
                                str(port), "--faults", faults, "--latency-ms", str(latency_ms)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     server.stdout.readline()  # "serving ..."
@@ -109,7 +109,7 @@ def run_client(code: str, template: Path, serve_dir: Path, work: Path, faults: s
         server.wait(10)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     images = json.loads(ann.read_text())["images"]
-    from fathompipe.fakeserver import FakeFathomNet, Faults
+    from support.fakeserver import FakeFathomNet, Faults
     probe = FakeFathomNet(serve_dir, Faults.realistic() if faults == "realistic" else Faults())
     servable = [im for im in images if not probe.is_missing(im["file_name"])]
     intact = sum((out / im["file_name"]).exists() and (out / im["file_name"]).read_bytes()

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # support/
 
-from conftest import drill_table  # noqa: E402  (tests/ holds the drills and their table)
+from support.drills import drill_table  # noqa: E402
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ DATA = SHARED / "data" / "fathomnet2025"
 
 
 def main() -> None:
-    from fathompipe.mongod import PrivateMongod
+    from support.mongod import PrivateMongod
     mongod = PrivateMongod()
     os.environ["FIFTYONE_DATABASE_URI"] = mongod.uri
     os.environ["FIFTYONE_DATABASE_NAME"] = "fathompipe-bench"
@@ -44,7 +44,7 @@ def run(work: Path) -> None:
     from fathompipe.annotations import load_coco
     from fathompipe.evaluate import run as evaluate_stage
     from fathompipe.evaluate_inputs import FiftyOneTarget
-    from fathompipe.synthetic import train_like_coco
+    from support.synthetic import train_like_coco
 
     ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", work / "train.json")
     coco = load_coco(ann)

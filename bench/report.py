@@ -27,7 +27,7 @@ def make_inputs(work: Path):
     from PIL import Image
 
     from fathompipe.annotations import load_coco
-    from fathompipe.synthetic import train_like_coco
+    from support.synthetic import train_like_coco
     from fathompipe.taxonomy import taxonomic_order
 
     ds = load_coco(train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json",

@@ -15,6 +15,8 @@ from typing import Dict, Iterator, List
 
 import pytest
 
+from support.drills import drill_table
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fathompipe" / "data"  # the FathomNet 2025 files: package data, and test oracles (its README.md)
 PARITY = ROOT / "tests" / "fixtures" / "parity-golden"  # the winner's own outputs on a tiny checkpoint (README.md)
@@ -32,7 +34,6 @@ def slurm_ready() -> str:
 
 
 DRILLS: List[Dict[str, object]] = []
-DRILL_COLUMNS = ("drill", "fault", "outcome", "commands", "images_redone", "rois_redone", "data_lost")
 
 
 @pytest.fixture
@@ -42,13 +43,6 @@ def drill(request: pytest.FixtureRequest) -> Iterator[Dict[str, object]]:
     yield record
     record.setdefault("outcome", "DRILL FAILED: see the test report")
     DRILLS.append(record)
-
-
-def drill_table(records: List[Dict[str, object]]) -> List[str]:
-    """The reliability table as markdown lines (also printed by bench/drills.py)."""
-    lines = ["| " + " | ".join(DRILL_COLUMNS) + " |", "|" + "---|" * len(DRILL_COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in DRILL_COLUMNS) + " |" for r in records]
-    return lines
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -74,8 +68,8 @@ def slurm() -> None:
 @pytest.fixture
 def fake_fathomnet(tmp_path: Path):
     """Factory: serve synthetic images for (a prefix of) an annotation file; yields (server, json)."""
-    from fathompipe.fakeserver import FakeFathomNet, Faults, ServerThread
-    from fathompipe.synthetic import serve_dataset
+    from support.fakeserver import FakeFathomNet, Faults, ServerThread
+    from support.synthetic import serve_dataset
 
     threads = []
 
@@ -128,7 +122,7 @@ def _no_ambient_slurm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def private_fiftyone_database() -> Iterator[str]:
     """Every test (and every job it starts) uses a private mongod, never ~/.fiftyone's shared one."""
-    from fathompipe.mongod import PrivateMongod, mongod_binary
+    from support.mongod import PrivateMongod, mongod_binary
 
     if mongod_binary() is None:
         if IN_CI:

@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from fathompipe.fakeserver import FakeFathomNet
+from support.fakeserver import FakeFathomNet
 
 
 def _sha256(path: Path) -> str:

@@ -66,7 +66,7 @@ def test_shards_partition_and_are_stable(tmp_path):
 
 
 def test_train_sized_file_validates(tmp_path):
-    from fathompipe.synthetic import train_like_coco
+    from support.synthetic import train_like_coco
     path = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", tmp_path / "train.json")
     ds = load_coco(path)
     # 8,981 train images, of which 8,980 carry annotations (the labels CSV lists only those)

@@ -134,7 +134,7 @@ class Mirror:
 
 def test_missing_checkpoint_is_downloaded_from_a_mirror_url(tmp_path):
     from fathompipe.checkpoint import prepare
-    from fathompipe.fakeserver import ServerThread
+    from support.fakeserver import ServerThread
 
     with ServerThread(Mirror()) as st:
         target = tmp_path / "dl" / "last-002.ckpt"
@@ -144,7 +144,7 @@ def test_missing_checkpoint_is_downloaded_from_a_mirror_url(tmp_path):
 
 def test_truncated_checkpoint_is_moved_aside_and_fetched_again(tmp_path):
     from fathompipe.checkpoint import prepare
-    from fathompipe.fakeserver import ServerThread
+    from support.fakeserver import ServerThread
 
     good = (PARITY / "model.ckpt").read_bytes()
     target = tmp_path / "last-002.ckpt"

@@ -1,7 +1,14 @@
 """The README's first command: the offline demo runs every stage and ends with a report."""
 import json
+import subprocess
+import sys
 
-from pipeline_helpers import cli
+from conftest import ROOT
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m demo` from the repository root, where the demo lives (it is not in the installed package)."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_demo_end_to_end_then_rerun_resumes(fiftyone_db, tmp_path):

@@ -14,8 +14,8 @@ from conftest import DATA, PARITY, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.config import DownloadConfig
 from fathompipe.download import ShardFiles, download_shard, retry_after_seconds
-from fathompipe.fakeserver import FakeFathomNet, Faults, ServerThread
-from fathompipe.synthetic import synthetic_png
+from support.fakeserver import FakeFathomNet, Faults, ServerThread
+from support.synthetic import synthetic_png
 from pipeline_helpers import cli, write_profile
 
 FAST = dict(backoff_base_s=0.02, backoff_max_s=2.0, connect_timeout_s=5, read_timeout_s=5)

@@ -11,7 +11,7 @@ import requests
 
 from conftest import PARITY
 from drill_evidence import data_lost, images_redone, parts_dir, rois_redone, snapshot
-from fathompipe.fakeserver import FakeFathomNet, ServerThread
+from support.fakeserver import FakeFathomNet, ServerThread
 from pipeline_helpers import EXPECTED_SUBMISSION
 
 ANNOTATIONS = json.loads((PARITY / "dataset.json").read_text())

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA, PARITY
 from drill_evidence import clean_run, data_lost, images_redone, rois_redone, snapshot
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 from test_pipeline_slurm import Flaky
 from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, job_logs, mtimes, rewritten, settled, status_json,
                               task_job, wait_for, wait_status, write_profile)
@@ -205,7 +205,7 @@ def test_run_json_damaged_then_rebuilt(slurm, tmp_path, fake_fathomnet, parity_c
 
 
 def test_database_unreachable_when_evaluate_starts(slurm, fiftyone_db, tmp_path, fake_fathomnet, parity_copy, drill):
-    from fathompipe.mongod import PrivateMongod
+    from support.mongod import PrivateMongod
 
     down = PrivateMongod()
     port = down.port

@@ -15,7 +15,7 @@ from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run
 from fathompipe.evaluate_inputs import FiftyOneTarget
-from fathompipe.synthetic import train_like_coco
+from support.synthetic import train_like_coco
 
 TEST_JSON = DATA / "dataset_test.json"
 WINNER = DATA / "winner_test_predictions.csv"

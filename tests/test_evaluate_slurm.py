@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict
 
 from conftest import PARITY, ROOT
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 from pipeline_helpers import all_done, settled, wait_status, write_profile
 
 PLANTED_KEY = "planted-fo-key-7f3a91c2e4"
@@ -50,7 +50,7 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
     tasks would start two mongods on that directory; the stage is one task evaluating both splits in turn."""
     from pymongo import MongoClient
 
-    from fathompipe.mongod import PrivateMongod
+    from support.mongod import PrivateMongod
 
     profile = two_split_profile(tmp_path, fake_fathomnet, parity_copy)
     db_dir = tmp_path / "fiftyone-db"

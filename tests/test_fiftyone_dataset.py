@@ -14,7 +14,7 @@ from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run, run_splits
 from fathompipe.evaluate_inputs import FiftyOneTarget, SplitInputs
 from fathompipe.report import load_predictions
-from fathompipe.synthetic import train_like_coco
+from support.synthetic import train_like_coco
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
 
 TEST_JSON = DATA / "dataset_test.json"

@@ -1,6 +1,6 @@
 """The same stage graph through submitit's local executor (the embedded default, no Slurm)."""
 from conftest import PARITY
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 from pipeline_helpers import EXPECTED_SUBMISSION, cli, status_json, write_profile
 
 

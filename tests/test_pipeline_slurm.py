@@ -8,7 +8,7 @@ import pytest
 
 from conftest import PARITY
 from drill_evidence import data_lost, images_redone, rois_redone, snapshot
-from fathompipe.fakeserver import FakeFathomNet, Faults
+from support.fakeserver import FakeFathomNet, Faults
 from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, settled, squeue_jobs, status_json,
                               wait_status, write_profile)
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 import pytest
 
 from conftest import PARITY
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 from pipeline_helpers import cli, write_profile
 
 

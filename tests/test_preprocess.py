@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PARITY, ROOT
+from conftest import PARITY
 from fathompipe.preprocess import crop_image, normalization_lut, normalize_uint8
-
-sys.path.insert(0, str(ROOT / "bench"))
-from reference_recipe import reference_roi  # noqa: E402
+from support.reference_recipe import reference_roi
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
 LUT = normalization_lut()

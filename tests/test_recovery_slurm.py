@@ -7,7 +7,7 @@ import subprocess
 from datetime import datetime
 
 from conftest import PARITY
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, settled, status_json, task_job, wait_status,
                               write_profile)
 

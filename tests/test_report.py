@@ -19,7 +19,7 @@ from fathompipe.infer import OutputFiles, run as infer
 from fathompipe.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
                                 mistakenness_from_confidence, per_class)
 from fathompipe.report import write_report
-from fathompipe.synthetic import train_like_coco
+from support.synthetic import train_like_coco
 from fathompipe.taxonomy import taxonomic_order
 
 

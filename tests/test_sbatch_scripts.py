@@ -4,7 +4,7 @@ import subprocess
 
 from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
-from fathompipe.fakeserver import Faults
+from support.fakeserver import Faults
 
 
 def test_download_sbatch_array(slurm, tmp_path, fake_fathomnet):

@@ -1,11 +1,12 @@
 """The offline demo: the full pipeline on one machine, no internet, in a few minutes.
 
-    python -m fathompipe.demo [--run-dir runs/demo] [--faults]
+    python -m demo [--run-dir runs/demo] [--faults]      (from the repository root)
 
 Serves the shipped demo images (demo/) on loopback in FathomNet's place, uses the parity fixture's
 tiny checkpoint in place of the 16 GB one, runs download, checkpoint, infer and evaluate through
 submitit's local executor with FiftyOne's bundled database (jobs/demo.yaml), and ends with the
-report's path, the headline numbers and how to open the FiftyOne App. Rerunning resumes.
+report's path, the headline numbers and how to open the FiftyOne App. Rerunning resumes. It lives with
+the repository, not in the installed package: it needs the stand-in server (support/) and the shipped images.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from .fakeserver import FakeFathomNet, Faults, ServerThread
+from support.fakeserver import FakeFathomNet, Faults, ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -24,7 +25,7 @@ MODEL = ROOT / "tests" / "fixtures" / "parity-golden"  # the tiny checkpoint, on
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fathompipe.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--faults", action="store_true", help="the server also answers 503s, 429s, drops and "
                         "corrupt bodies, as real servers do; the download stage retries through them")
@@ -36,7 +37,7 @@ def main(argv: List[str] | None = None) -> int:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(MODEL / "model.ckpt", checkpoint)
     faults = Faults.realistic(retry_after_s=0, missing=0.0) if args.faults else Faults()
-    from . import submit
+    from fathompipe import submit
 
     with ServerThread(FakeFathomNet(DEMO / "images", faults)) as server:
         annotations = run_dir / "dataset_demo.json"
@@ -48,7 +49,7 @@ def main(argv: List[str] | None = None) -> int:
                           f"checkpoint.path={checkpoint}",
                           f"infer.encoder_config={MODEL / 'tiny_dinov2_config.json'}"])
     if rc != 0:
-        print(f"demo: a stage failed; see the message above, then rerun `python -m fathompipe.demo` "
+        print(f"demo: a stage failed; see the message above, then rerun `python -m demo` "
               f"(finished work is kept) or `python -m fathompipe.status --run-dir {run_dir}`", file=sys.stderr)
         return rc
     done = json.loads((run_dir / "evaluate" / "train" / "evaluate.done").read_text())
@@ -60,7 +61,7 @@ def main(argv: List[str] | None = None) -> int:
     if fo:
         print(f"FiftyOne:    dataset '{fo['dataset']}', field '{fo['field']}', evaluation '{fo.get('eval_key')}', "
               f"saved view '{fo.get('saved_view')}'")
-        from .fiftyone_io import app_instructions
+        from fathompipe.fiftyone_io import app_instructions
         print(f"             {app_instructions(fo['dataset'])}")
     print("(synthetic images and a tiny stand-in model: the numbers show the pipeline runs, not the winner's quality)")
     return 0

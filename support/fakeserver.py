@@ -6,7 +6,7 @@ short bodies, corrupt 200 bodies, stalls and permanent 404s. Faults are drawn fr
 keyed by (path, attempt), so a run is reproducible. `log` records every answer (the failure drills
 count the images fetched again from it).
 
-    python -m fathompipe.fakeserver --dir D --port 8765 [--latency-ms 20] [--faults realistic]
+    python -m support.fakeserver --dir D --port 8765 [--latency-ms 20] [--faults realistic]
 """
 from __future__ import annotations
 
