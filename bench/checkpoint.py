@@ -36,7 +36,7 @@ def write_stand_in(path: Path) -> int:
     """A Lightning-layout checkpoint of the real one's size; returns its size in bytes."""
     spec = full_spec()
     model = random_model(spec, torch.device("cpu"))
-    from fathompipe.model import to_checkpoint_name
+    from fathompipe.model.winner import to_checkpoint_name
     state = {to_checkpoint_name(k): v for k, v in model.state_dict().items()}
     adam = {i: {"step": torch.tensor(1000.0), "exp_avg": torch.empty_like(v), "exp_avg_sq": torch.empty_like(v)}
             for i, v in enumerate(state.values())}
@@ -84,7 +84,7 @@ LOAD = """
 import sys, time
 t0 = time.perf_counter()
 from fathompipe.checkpoint import load_model
-from fathompipe.slim import SlimFiles
+from fathompipe.model.slim import SlimFiles
 from pathlib import Path
 t1 = time.perf_counter()
 model, spec = load_model(SlimFiles.beside(Path(sys.argv[1])))

@@ -40,10 +40,10 @@ def main() -> None:
 
 def run(work: Path) -> None:
     import fiftyone as fo
-    from fathompipe import fiftyone_io
+    from fathompipe.evaluation import fiftyone_io
     from fathompipe.annotations import load_coco
     from fathompipe.evaluate import run as evaluate_stage
-    from fathompipe.evaluate_inputs import FiftyOneTarget
+    from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
     from support.synthetic import train_like_coco
 
     ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", work / "train.json")

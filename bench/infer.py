@@ -35,8 +35,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # support/
 
-from fathompipe.model import FathomNetClassifier, ModelSpec, to_checkpoint_name  # noqa: E402
-from fathompipe.preprocess import MEAN, RESCALE, STD, crop_image, normalization_lut, normalize_uint8  # noqa: E402
+from fathompipe.model.winner import FathomNetClassifier, ModelSpec, to_checkpoint_name  # noqa: E402
+from fathompipe.model.preprocess import MEAN, RESCALE, STD, crop_image, normalization_lut, normalize_uint8  # noqa: E402
 from support.reference_recipe import reference_roi  # noqa: E402
 
 LABELS = ROOT / "fathompipe/data/train_annotation_labels.csv"

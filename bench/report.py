@@ -28,7 +28,7 @@ def make_inputs(work: Path):
 
     from fathompipe.annotations import load_coco
     from support.synthetic import train_like_coco
-    from fathompipe.taxonomy import taxonomic_order
+    from fathompipe.evaluation.taxonomy import taxonomic_order
 
     ds = load_coco(train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json",
                                    work / "train.json"))
@@ -58,7 +58,7 @@ def make_inputs(work: Path):
 def main() -> None:
     work = Path(tempfile.mkdtemp())
     ds, images = make_inputs(work)
-    from fathompipe import report, scoring
+    from fathompipe.evaluation import report, scoring
     rows = []
     t0 = time.perf_counter()
     preds = scoring.load_predictions(work / "predictions.parquet")

@@ -61,7 +61,7 @@ def main(argv: List[str] | None = None) -> int:
     if fo:
         print(f"FiftyOne:    dataset '{fo['dataset']}', field '{fo['field']}', evaluation '{fo.get('eval_key')}', "
               f"saved view '{fo.get('saved_view')}'")
-        from fathompipe.fiftyone_io import app_instructions
+        from fathompipe.evaluation.fiftyone_io import app_instructions
         print(f"             {app_instructions(fo['dataset'])}")
     print("(synthetic images and a tiny stand-in model: the numbers show the pipeline runs, not the winner's quality)")
     return 0

@@ -11,13 +11,13 @@ import signal
 import sys
 from typing import List
 
-from .cli import quiet_pipe
-from .config import ConfigError
-from .driver import SubmitError, active_jobs, run_lock
-from .runstate import RunStateError
-from .slurm import cancel
-from .stages import STAGES
-from .status import load_run
+from fathompipe.cli import quiet_pipe
+from fathompipe.config import ConfigError
+from fathompipe.pipeline.submission import SubmitError, active_jobs, run_lock
+from fathompipe.pipeline.state import RunStateError
+from fathompipe.pipeline.scheduler import cancel
+from fathompipe.pipeline.graph import STAGES
+from fathompipe.status import load_run
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -33,10 +33,11 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 from safetensors.torch import load_file, save_file
 
-from . import atomic
-from .config import WINNER_GDRIVE_ID
-from .slim import CheckpointError, CorruptCheckpoint, SlimFiles, fingerprint, load_encoder_overrides, slim_is_current
-from .model import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
+from fathompipe import atomic
+from fathompipe.config import WINNER_GDRIVE_ID
+from fathompipe.model.slim import (CheckpointError, CorruptCheckpoint, SlimFiles, fingerprint, load_encoder_overrides,
+                                   slim_is_current)
+from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
 
 # What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
 ALLOWED_GLOBALS: List[Any] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list,

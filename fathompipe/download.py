@@ -36,10 +36,10 @@ import aiohttp
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from . import atomic
-from .annotations import Image, load_coco, shard_images
-from .config import DownloadConfig
-from .pngcheck import PngStream
+from fathompipe import atomic
+from fathompipe.annotations import Image, load_coco, shard_images
+from fathompipe.config import DownloadConfig
+from fathompipe.fetch.pngcheck import PngStream
 
 PERMANENT_MISSING = {404, 410}  # only these mean "not there"; any other 4xx (a proxy's 403) is retried
 CHUNK = 1 << 20  # read size when hashing a file already on disk

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import atomic
-from .annotations import AnnotationError, load_coco
-from .fiftyone_env import FiftyOneSetupError
-from .evaluate_inputs import FiftyOneTarget, SplitInputs
-from .fiftyone_io import FiftyOneDataError
-from .report import evaluate as score
-from .report import headline, load_predictions, write_report
+from fathompipe import atomic
+from fathompipe.annotations import AnnotationError, load_coco
+from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
+from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
+from fathompipe.evaluation.report import evaluate as score
+from fathompipe.evaluation.report import headline, load_predictions, write_report
 
 
 def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path, split: str = "test",
@@ -51,13 +51,13 @@ def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path
 
 def connect(target: FiftyOneTarget) -> str:
     """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs."""
-    from . import fiftyone_env
+    from fathompipe.evaluation import fiftyone_env
     return fiftyone_env.describe(fiftyone_env.configure(target.database_uri, target.deployment, target.env_file))
 
 
 def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str,
                   target: FiftyOneTarget) -> Dict[str, object]:
-    from . import fiftyone_io
+    from fathompipe.evaluation import fiftyone_io
     where = connect(target)
     name, field = target.dataset, target.field
     eval_key = f"{target.eval_key}_{split}"

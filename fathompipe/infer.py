@@ -32,12 +32,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import atomic
-from .annotations import Annotation, CocoDataset, Image, load_coco, shard_images
-from .checkpoint import CheckpointError, SlimFiles, export_slim, load_model
-from .model import CheckpointMismatch, FathomNetClassifier
-from .outputs import OutputFiles
-from .preprocess import crop_image, normalization_lut, normalize_uint8
+from fathompipe import atomic
+from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
+from fathompipe.checkpoint import CheckpointError, SlimFiles, export_slim, load_model
+from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
+from fathompipe.outputs import OutputFiles
+from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
 
 TOPK = 5
 # Measured (BENCHMARKS.md): on a GPU, fp16 autocast agrees with fp32 and is the fastest such mode.

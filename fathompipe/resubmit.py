@@ -12,14 +12,14 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Set
 
-from .cli import quiet_pipe
-from .config import ConfigError, PipelineConfig, load_config, to_yaml
-from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
-from .paths import RunPaths
-from .preflight import preflight
-from .runstate import RunStateError
-from .stages import STAGES, Stage, downstream, stage_by_name
-from .status import load_run
+from fathompipe.cli import quiet_pipe
+from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
+from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
+from fathompipe.paths import RunPaths
+from fathompipe.pipeline.preflight import preflight
+from fathompipe.pipeline.state import RunStateError
+from fathompipe.pipeline.graph import STAGES, Stage, downstream, stage_by_name
+from fathompipe.status import load_run
 
 
 def selected_shards(spec: str, first: List[Stage], cfg: PipelineConfig, paths: RunPaths) -> Dict[str, Set[str]]:

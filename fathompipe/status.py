@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .cli import quiet_pipe
-from .config import ConfigError, PipelineConfig, load_config
-from .driver import job_states
-from .paths import RunPaths
-from .runstate import RunState, RunStateError
-from .slurm import ACTIVE, job_sort_key, last_error_line, log_paths
-from .stages import STAGES
+from fathompipe.cli import quiet_pipe
+from fathompipe.config import ConfigError, PipelineConfig, load_config
+from fathompipe.pipeline.submission import job_states
+from fathompipe.paths import RunPaths
+from fathompipe.pipeline.state import RunState, RunStateError
+from fathompipe.pipeline.scheduler import ACTIVE, job_sort_key, last_error_line, log_paths
+from fathompipe.pipeline.graph import STAGES
 
 
 @dataclass

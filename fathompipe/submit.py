@@ -19,15 +19,15 @@ import sys
 from typing import List
 
 
-from . import atomic
-from .cli import quiet_pipe
-from .config import ConfigError, PipelineConfig, load_config, to_yaml
-from .driver import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
-from .paths import RunPaths
-from .preflight import check_scripts, preflight
-from .runstate import RunState, RunStateError
-from .slurm import queued_jobs_under, render_sbatch
-from .stages import STAGES, job_comment, job_name
+from fathompipe import atomic
+from fathompipe.cli import quiet_pipe
+from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
+from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
+from fathompipe.paths import RunPaths
+from fathompipe.pipeline.preflight import check_scripts, preflight
+from fathompipe.pipeline.state import RunState, RunStateError
+from fathompipe.pipeline.scheduler import queued_jobs_under, render_sbatch
+from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 
 
 def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> RunState:

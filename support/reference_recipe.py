@@ -1,6 +1,6 @@
 """The winner's preprocessing for one ROI, written straight from shared/notes/reference-pipeline.md.
 
-Independent of fathompipe.preprocess on purpose: the tests check fathompipe against it, and the
+Independent of fathompipe.model.preprocess on purpose: the tests check fathompipe against it, and the
 benchmark times it as the straightforward per-ROI baseline (reopening the image for every ROI, as
 C1.TestModel.py's dataset does).
 """

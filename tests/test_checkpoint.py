@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import PARITY
 from fathompipe.checkpoint import (CheckpointError, SlimFiles, export_slim, load_lightning_checkpoint, load_model,
                                    slim_is_current)
-from fathompipe.model import CheckpointMismatch
+from fathompipe.model.winner import CheckpointMismatch
 
 ENCODER = PARITY / "tiny_dinov2_config.json"
 

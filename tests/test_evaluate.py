@@ -14,7 +14,7 @@ import pytest
 from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run
-from fathompipe.evaluate_inputs import FiftyOneTarget
+from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
 from support.synthetic import train_like_coco
 
 TEST_JSON = DATA / "dataset_test.json"

@@ -12,8 +12,8 @@ import pytest
 from conftest import DATA
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run, run_splits
-from fathompipe.evaluate_inputs import FiftyOneTarget, SplitInputs
-from fathompipe.report import load_predictions
+from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.evaluation.report import load_predictions
 from support.synthetic import train_like_coco
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
 
@@ -208,7 +208,7 @@ def test_label_error_message(fiftyone_db, inputs, tmp_path, capsys):
     sample.ground_truth.detections[0].label = "unknown"
     sample.save()
     aid = sample.ground_truth.detections[0].annotation_id
-    from fathompipe.fiftyone_io import FiftyOneDataError
+    from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
     with pytest.raises(FiftyOneDataError) as err:
         run(inputs["train"], inputs["train_a"], tmp_path / "r", split="train", fiftyone=FiftyOneTarget(ds.name))
     assert str(err.value).startswith(f"dataset 'fathomnet-2025-r4', split train: annotation {aid} "
@@ -219,7 +219,7 @@ def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs):
     """The raw bulk write is allowed only because this holds on the installed open-source FiftyOne."""
     from fiftyone import ViewField as F
 
-    from fathompipe import fiftyone_io
+    from fathompipe.evaluation import fiftyone_io
 
     coco = load_coco(inputs["train"])
     a_preds, b_preds = load_predictions(inputs["train_a"]), load_predictions(inputs["train_b"])

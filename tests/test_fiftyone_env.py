@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import DATA, ROOT
-from fathompipe import fiftyone_env
+from fathompipe.evaluation import fiftyone_env
 from fathompipe.config import ConfigError, load_config, to_yaml
 
 KEY = "planted-key-0c1d2e3f"

@@ -2,8 +2,8 @@
 import csv
 
 from conftest import DATA
-from fathompipe.metric import MAX_DISTANCE, distance, distances
-from fathompipe.taxonomy import load_taxonomy, taxonomic_order
+from fathompipe.evaluation.metric import MAX_DISTANCE, distance, distances
+from fathompipe.evaluation.taxonomy import load_taxonomy, taxonomic_order
 
 
 def test_equals_the_official_matrix_on_all_6241_pairs():

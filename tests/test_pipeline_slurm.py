@@ -43,7 +43,8 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     failure = stages["download"]["failures"][0]
     assert failure["task"] == "test/1" and failure["log"].endswith("_1_0_log.err")
     assert failure["causes"] == {"HTTP 503": 1}
-    assert failure["last_line"].startswith("fathompipe.stages.StageFailed: shard test-00001-of-00003: INCOMPLETE")
+    assert failure["last_line"].startswith(
+        "fathompipe.pipeline.graph.StageFailed: shard test-00001-of-00003: INCOMPLETE")
     assert "causes: HTTP 503 x1" in failure["last_line"]
     state = json.loads((run_dir / "run.json").read_text())
     ours = {s["job_id"] for st in state["stages"].values() for s in st["submissions"]}

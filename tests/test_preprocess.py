@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import PARITY
-from fathompipe.preprocess import crop_image, normalization_lut, normalize_uint8
+from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
 from support.reference_recipe import reference_roi
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13

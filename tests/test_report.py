@@ -16,11 +16,11 @@ from conftest import DATA, PARITY
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run as evaluate_stage
 from fathompipe.infer import OutputFiles, run as infer
-from fathompipe.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
+from fathompipe.evaluation.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
                                 mistakenness_from_confidence, per_class)
-from fathompipe.report import write_report
+from fathompipe.evaluation.report import write_report
 from support.synthetic import train_like_coco
-from fathompipe.taxonomy import taxonomic_order
+from fathompipe.evaluation.taxonomy import taxonomic_order
 
 
 def test_mistakenness_equals_fiftyone_brain(fiftyone_db):

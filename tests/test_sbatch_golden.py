@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from fathompipe.config import Resources
-from fathompipe.slurm import expand_job_id, render_sbatch
+from fathompipe.pipeline.scheduler import expand_job_id, render_sbatch
 
 GOLDEN = Path(__file__).parent / "golden"
 

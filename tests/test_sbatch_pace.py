@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 from fathompipe.config import Resources, load_config
 from fathompipe.paths import RunPaths
-from fathompipe.slurm import render_sbatch
-from fathompipe.stages import STAGES, job_comment, job_name
+from fathompipe.pipeline.scheduler import render_sbatch
+from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 
 SHIPPED = ROOT / "fathompipe" / "data" / "dataset_test.json"
 

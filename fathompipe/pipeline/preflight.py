@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .annotations import AnnotationError, load_coco
-from .config import PipelineConfig
-from .paths import RunPaths
-from .slurm import keys_to_change, render_sbatch, sbatch_test_only
-from .stages import STAGES, job_comment, job_name
+from fathompipe.annotations import AnnotationError, load_coco
+from fathompipe.config import PipelineConfig
+from fathompipe.paths import RunPaths
+from fathompipe.pipeline.scheduler import keys_to_change, render_sbatch, sbatch_test_only
+from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 
 
 def unwritable(path: Path) -> Optional[str]:

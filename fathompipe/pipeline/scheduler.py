@@ -20,7 +20,7 @@ import submitit
 # private API (submitit 1.5.4): the exact sbatch text submitit submits, for --dry-run and sbatch --test-only
 from submitit.slurm.slurm import _make_sbatch_string
 
-from .config import Resources
+from fathompipe.config import Resources
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}

@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from .annotations import CocoDataset
-from .metric import MAX_DISTANCE, distances
-from .outputs import OutputFiles
-from .taxonomy import RANKS, load_taxonomy, taxonomic_order
+from fathompipe.annotations import CocoDataset
+from fathompipe.evaluation.metric import MAX_DISTANCE, distances
+from fathompipe.outputs import OutputFiles
+from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
 
 NOT_IN_FILE = "no prediction in the predictions file"
 

@@ -6,8 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from . import atomic
-from .paths import RunPaths
+from fathompipe import atomic
+from fathompipe.paths import RunPaths
 
 VERSION = 1
 

@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from .annotations import CocoDataset
-from .fiftyone_env import api_connection, enterprise_sdk_installed
-from .metric import distance
-from .taxonomy import load_taxonomy
+from fathompipe.annotations import CocoDataset
+from fathompipe.evaluation.fiftyone_env import api_connection, enterprise_sdk_installed
+from fathompipe.evaluation.metric import distance
+from fathompipe.evaluation.taxonomy import load_taxonomy
 
 OWN_ATTRIBUTES = ("label", "bounding_box", "confidence", "annotation_id", "top5_names", "top5_scores",
                   "hierarchical_distance")  # what the stage writes on a prediction; everything else is kept

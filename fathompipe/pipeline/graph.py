@@ -13,12 +13,12 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import submitit
 
-from .config import DownloadConfig, PipelineConfig, Resources
-from .download import ShardFiles, download_shard
-from .evaluate_inputs import FiftyOneTarget, SplitInputs
-from .outputs import OutputFiles
-from .paths import RunPaths
-from .slim import slim_is_current
+from fathompipe.config import DownloadConfig, PipelineConfig, Resources
+from fathompipe.download import ShardFiles, download_shard
+from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.outputs import OutputFiles
+from fathompipe.paths import RunPaths
+from fathompipe.model.slim import slim_is_current
 
 
 class Task(Protocol):
@@ -101,7 +101,7 @@ class CheckpointTask:
         return {"slim": int(self.done())}
 
     def __call__(self) -> str:
-        from .checkpoint import prepare
+        from fathompipe.checkpoint import prepare
         return str(prepare(self.path, self.gdrive_id, self.url, self.encoder_config).weights)
 
 
@@ -135,7 +135,7 @@ class InferTask(submitit.helpers.Checkpointable):
         return {"batches": len(list(OutputFiles(Path(self.output)).parts.glob(f"shard{self.shard:03d}-batch*.npz")))}
 
     def __call__(self) -> object:
-        from .infer import run
+        from fathompipe.infer import run
         return run(self.checkpoint_path, self.annotations, self.images_dir, self.output, self.split, self.device,
                    self.precision, self.batch_size, self.num_workers, self.encoder_config, self.naming, self.shard,
                    self.num_shards)
@@ -183,7 +183,7 @@ class EvaluateTask:
         return {"reports": sum((Path(s.report_dir) / "evaluate.done").exists() for s in self.splits)}
 
     def __call__(self) -> object:
-        from .evaluate import run_splits
+        from fathompipe.evaluate import run_splits
         return run_splits(self.splits, self.naming, self.fiftyone)
 
 

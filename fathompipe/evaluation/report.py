@@ -17,11 +17,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from . import atomic
-from .annotations import CocoDataset
-from .metric import distance
-from .scoring import Evaluation, confusion_matrix, confusions, evaluate, headline, load_predictions, per_class
-from .taxonomy import RANKS, load_taxonomy
+from fathompipe import atomic
+from fathompipe.annotations import CocoDataset
+from fathompipe.evaluation.metric import distance
+from fathompipe.evaluation.scoring import (Evaluation, confusion_matrix, confusions, evaluate, headline,
+                                           load_predictions, per_class)
+from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy
 
 __all__ = ["Evaluation", "evaluate", "headline", "load_predictions", "write_report"]
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Dict, Optional
 
-from .config import redact
+from fathompipe.config import redact
 
 API_URI, API_KEY = "FIFTYONE_API_URI", "FIFTYONE_API_KEY"
 

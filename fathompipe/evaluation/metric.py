@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .taxonomy import load_taxonomy
+from fathompipe.evaluation.taxonomy import load_taxonomy
 
 MAX_DISTANCE = 12
 

@@ -19,13 +19,13 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError
 
-from . import atomic
-from .config import PipelineConfig
-from .paths import RunPaths
-from .runstate import RunState, Submission
-from .slurm import (ACTIVE, afterok, cancel, job_sort_key, keys_to_change, local_states, make_executor, query_states,
-                    rejection_reason)
-from .stages import STAGES, Task, job_comment, job_name
+from fathompipe import atomic
+from fathompipe.config import PipelineConfig
+from fathompipe.paths import RunPaths
+from fathompipe.pipeline.state import RunState, Submission
+from fathompipe.pipeline.scheduler import (ACTIVE, afterok, cancel, job_sort_key, keys_to_change, local_states,
+                                           make_executor, query_states, rejection_reason)
+from fathompipe.pipeline.graph import STAGES, Task, job_comment, job_name
 
 Printer = Callable[[str], None]
 

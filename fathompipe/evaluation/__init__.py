@@ -1,0 +1,1 @@
+"""Scoring predictions with the competition's metric, the report, and the FiftyOne import."""

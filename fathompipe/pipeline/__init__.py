@@ -1,0 +1,1 @@
+"""What runs where, after what: the stage graph, submission through submitit, the Slurm scheduler and the run state."""
