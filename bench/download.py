@@ -53,11 +53,13 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_mb}))
 
 FATHOMPIPE = r'''
 import json, resource, sys, time
-from fathompipe.config import DownloadConfig
+from fathompipe.config import DownloadConfig, SplitSource
 from fathompipe.download import download_shard, process_count
-options = DownloadConfig(concurrency=50, per_host=50, max_attempts=8, backoff_base_s=0.2, backoff_max_s=5)
+from fathompipe.jobs import DownloadJob
+options = DownloadConfig(num_shards=1, concurrency=50, per_host=50, max_attempts=8, backoff_base_s=0.2,
+                         backoff_max_s=5)
 t0 = time.perf_counter()
-s = download_shard(sys.argv[1], sys.argv[2], 0, 1, options=options, progress=False)
+s = download_shard(DownloadJob(SplitSource(sys.argv[1], sys.argv[2]), options), progress=False)
 seconds = time.perf_counter() - t0
 n = process_count(options, s.total)
 own, child = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

@@ -286,7 +286,9 @@ def tiny_spec() -> ModelSpec:
 def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: int, batch_sizes: List[int],
               quick: bool, precisions: List[str]) -> None:
     from safetensors.torch import save_file
+    from fathompipe.config import InferConfig, SplitSource
     from fathompipe.infer import run
+    from fathompipe.jobs import InferJob
     spec = tiny_spec() if quick else full_spec()
     ckpt_dir = folder / ("ckpt-quick" if quick else "ckpt")
     ckpt_dir.mkdir(exist_ok=True)
@@ -303,8 +305,9 @@ def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: int, 
         for batch_size in batch_sizes:
             out = folder / f"e2e-{precision}-{batch_size}" / "pred.csv"
             t0 = time.perf_counter()
-            run(weights, ann_path, folder, out, device=str(device), precision=precision, batch_size=batch_size,
-                num_workers=workers, progress=False)
+            run(InferJob(SplitSource(str(ann_path), str(folder)), str(weights), str(out),
+                         InferConfig(device=str(device), precision=precision, batch_size=batch_size,
+                                     num_workers=workers)), progress=False)
             dt = time.perf_counter() - t0
             report("e2e", f"infer.run {precision} ({workers} workers, batch {batch_size}){' quick' if quick else ''}",
                    rois=n_rois, seconds=f"{dt:.1f}", roi_per_s=f"{n_rois / dt:.1f}")

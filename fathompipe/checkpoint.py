@@ -34,7 +34,9 @@ from omegaconf.nodes import AnyNode
 from safetensors.torch import load_file, save_file
 
 from fathompipe import atomic
+from fathompipe.cli import add_options, from_args
 from fathompipe.config import WINNER_GDRIVE_ID
+from fathompipe.jobs import CheckpointJob
 from fathompipe.model.slim import (CheckpointError, CorruptCheckpoint, SlimFiles, fingerprint, load_encoder_overrides,
                                    slim_is_current)
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
@@ -231,15 +233,16 @@ def prepare(checkpoint: str | Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Opti
             raise CheckpointError(f"{exc} (moved to {aside}), and a fresh copy could not be downloaded: {dl}") from None
     return export_slim(checkpoint, encoder_config)
 
+def run(job: CheckpointJob) -> SlimFiles:
+    """The stage as the driver and the command line run it."""
+    return prepare(job.options.path, job.options.gdrive_id, job.options.url, job.encoder_config)
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.checkpoint", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="e.g. checkpoints/last-002.ckpt")
-    parser.add_argument("--gdrive-id", default=WINNER_GDRIVE_ID)
-    parser.add_argument("--url", help="download from this URL (a mirror) instead of Google Drive")
-    parser.add_argument("--encoder-config", help="Dinov2Config fields as JSON (head count etc.)")
-    args = parser.parse_args(argv)
+    add_options(parser, CheckpointJob)
     try:
-        slim = prepare(args.checkpoint, args.gdrive_id, args.url, args.encoder_config)
+        slim = run(from_args(CheckpointJob, parser.parse_args(argv)))
     except (CheckpointError, CheckpointMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

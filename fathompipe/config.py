@@ -20,6 +20,7 @@ NAMINGS = ("file_name", "image_id")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 WINNER_GDRIVE_ID = "1dr0BQJm2G9edhJNRu9vaUCdA4lMNeeRo"
+NO_CLI = {"cli": False}  # field metadata: not a command-line option of the stage (fathompipe.cli)
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,22 @@ class DataConfig:
     splits: List[str] = field(default_factory=lambda: ["test"])
     train: SplitData = field(default_factory=SplitData)
     test: SplitData = field(default_factory=SplitData)
+    naming: str = "file_name"  # or image_id: {image_id}.png, the winner's layout (download, infer and evaluate)
+
+    def source(self, split: str) -> "SplitSource":
+        data: SplitData = getattr(self, split)
+        return SplitSource(str(data.annotations), str(data.images_dir), split, self.naming)
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split's inputs as each stage job reads them: its annotations, where its images are, how they are named."""
+
+    annotations: str = field(metadata={"help": "FathomNet COCO json (train or test)"})
+    images_dir: str = field(metadata={"help": "where the split's images are (or are downloaded to)"})
+    split: str = field(default="test", metadata={"choices": SPLITS})
+    naming: str = field(default="file_name", metadata={"choices": NAMINGS, "help": "file_name: as in the annotations; "
+                                                       "image_id: {image_id}.png, the winner's layout"})
 
 
 @dataclass
@@ -66,29 +83,34 @@ class DownloadConfig:
     max_attempts: int = 6
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    naming: str = "file_name"  # or image_id: {image_id}.png, the winner's layout
-    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=2, timeout_min=120))
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=2, timeout_min=120),
+                                 metadata=NO_CLI)
 
 
 @dataclass
 class CheckpointConfig:
-    path: str = "checkpoints/last-002.ckpt"
+    path: str = field(default="checkpoints/last-002.ckpt",
+                      metadata={"flag": "checkpoint", "help": "the Lightning .ckpt (downloaded there if absent)"})
     gdrive_id: str = WINNER_GDRIVE_ID
-    url: Optional[str] = None  # a mirror to download from instead of Google Drive
-    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=180))
+    url: Optional[str] = field(default=None, metadata={"help": "a mirror to download from instead of Google Drive"})
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=180),
+                                 metadata=NO_CLI)
 
 
 @dataclass
 class InferConfig:
-    device: str = "auto"
-    precision: str = "auto"  # fp32 on the CPU, the measured fastest agreeing mode on a GPU
+    device: str = field(default="auto", metadata={"choices": DEVICES})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto: fp32 on the CPU, the "
+                                                     "measured fastest agreeing mode on a GPU"})
     batch_size: int = 64
     num_workers: int = 4
-    shards: int = 1  # GPU array tasks over disjoint image sets, merged at the end
-    encoder_config: Optional[str] = None  # Dinov2Config fields as JSON; default: 64-dim heads
+    shards: int = field(default=1, metadata={"flag": "num-shards", "help": "GPU array tasks over disjoint image "
+                                             "sets, merged at the end"})
+    encoder_config: Optional[str] = field(default=None, metadata={"help": "Dinov2Config fields as JSON (e.g. the "
+                                                                  "parity fixture's); default: 64-dim heads"})
     resources: Resources = field(
-        default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1)
-    )
+        default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1),
+        metadata=NO_CLI)
 
 
 @dataclass
@@ -149,6 +171,7 @@ def load_config(profile: Optional[str | Path] = None, overrides: List[str] | Non
     merged = schema
     for i, layer in enumerate(layers):
         where = source if (profile is not None and i == 0) else "command line"
+        _refuse_moved_keys(layer, where)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
@@ -157,6 +180,17 @@ def load_config(profile: Optional[str | Path] = None, overrides: List[str] | Non
     _expand_paths(cfg, source)
     validate(cfg, source)
     return cfg
+
+
+MOVED_KEYS = {("download", "naming"): "data.naming"}  # image naming steers infer and evaluate too
+
+
+def _refuse_moved_keys(layer: DictConfig, where: str) -> None:
+    for (section, key), target in MOVED_KEYS.items():
+        part = layer.get(section)
+        if isinstance(part, DictConfig) and key in part:
+            raise ConfigError(f"{where}: {section}.{key} has moved to {target}; write {target}: {part[key]} "
+                              f"instead (it names the images for every stage)")
 
 
 def _describe(exc: OmegaConfBaseException, where: str) -> str:
@@ -206,7 +240,7 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
                        ("backoff_base_s", d.backoff_base_s), ("backoff_max_s", d.backoff_max_s)]:
         _check(value > 0, source, f"download.{key}", value, "must be positive")
     _check(d.processes >= 0, source, "download.processes", d.processes, "must be 0 (one per CPU) or more")
-    _check(d.naming in NAMINGS, source, "download.naming", d.naming, f"must be one of {', '.join(NAMINGS)}")
+    _check(cfg.data.naming in NAMINGS, source, "data.naming", cfg.data.naming, f"must be one of {', '.join(NAMINGS)}")
     i = cfg.infer
     _check(i.device in DEVICES, source, "infer.device", i.device, f"must be one of {', '.join(DEVICES)}")
     _check(i.precision in PRECISIONS, source, "infer.precision", i.precision, f"must be one of {', '.join(PRECISIONS)}")

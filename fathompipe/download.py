@@ -38,17 +38,14 @@ from tqdm import tqdm
 
 from fathompipe import atomic
 from fathompipe.annotations import Image, load_coco, shard_images
+from fathompipe.cli import add_options, from_args
 from fathompipe.config import DownloadConfig
 from fathompipe.fetch.pngcheck import PngStream
+from fathompipe.jobs import DownloadJob
 
 PERMANENT_MISSING = {404, 410}  # only these mean "not there"; any other 4xx (a proxy's 403) is retried
 CHUNK = 1 << 20  # read size when hashing a file already on disk
 MIN_IMAGES_PER_PROCESS = 16  # below this a shard is not worth another process
-
-
-# The DownloadConfig fields that shape one shard's run (the rest is Slurm's business).
-OPTION_FIELDS = ("concurrency", "per_host", "processes", "connect_timeout_s", "read_timeout_s", "max_attempts",
-                 "backoff_base_s", "backoff_max_s", "naming")
 
 
 @dataclass
@@ -188,8 +185,9 @@ class Downloader:
     (`DownloadProcesses`), which costs no thread hand-offs and no GIL contention.
     """
 
-    def __init__(self, images_dir: Path, options: DownloadConfig, connections: int, per_host: int):
+    def __init__(self, images_dir: Path, naming: str, options: DownloadConfig, connections: int, per_host: int):
         self.images_dir = images_dir
+        self.naming = naming
         self.options = options
         self.connections = connections
         self.per_host = per_host
@@ -271,7 +269,7 @@ class Downloader:
             async def worker() -> None:
                 while not queue.empty():
                     image = queue.get_nowait()
-                    path = self.images_dir / image.local_name(o.naming)
+                    path = self.images_dir / image.local_name(self.naming)
                     report(self._adopt(image, path) or await self._fetch(session, image, path))
 
             await asyncio.gather(*(worker() for _ in range(min(self.connections, max(1, len(images))))))
@@ -401,37 +399,35 @@ def _still_recorded(image: Image, path: Path, previous: Optional[ImageRecord]) -
     return ImageRecord(image.id, str(path), "ok", st.st_size, previous.sha256, 0, "", "recorded", st.st_mtime_ns)
 
 
-def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, num_shards: int,
-                   state_dir: str | Path | None = None, name: str | None = None,
-                   options: Optional[DownloadConfig] = None, progress: bool = True) -> ShardSummary:
-    """Download shard `shard` of `num_shards`; the callable the driver submits and the CLI runs.
+def download_shard(job: DownloadJob, progress: bool = True) -> ShardSummary:
+    """Download one shard; the callable the driver submits and the CLI runs.
 
     Interrupted by SIGTERM or SIGINT (scancel, a time limit), it stops cleanly: no partial image
     is left, every finished image is recorded, and the summary says INTERRUPTED.
     """
-    o = options or DownloadConfig()
-    dataset = load_coco(annotations)
-    images_dir = Path(images_dir)
-    state_dir = Path(state_dir) if state_dir else images_dir / ".fathompipe"
-    files = ShardFiles.of(state_dir, name or Path(annotations).stem, shard, num_shards)
+    o, naming, shard, num_shards = job.options, job.source.naming, job.shard, job.options.num_shards
+    dataset = load_coco(job.source.annotations)
+    images_dir = Path(job.source.images_dir)
+    state_dir = Path(job.state_dir) if job.state_dir else images_dir / ".fathompipe"
+    files = ShardFiles.of(state_dir, job.name or Path(job.source.annotations).stem, shard, num_shards)
     images = shard_images(dataset, shard, num_shards)
     summary = ShardSummary(files.key, len(images))
     t0 = time.monotonic()
     files.marker.unlink(missing_ok=True)  # re-verify; the marker is rewritten if all is still well
     images_dir.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_parts(images_dir, {image.local_name(o.naming) for image in images})
+    _remove_stale_parts(images_dir, {image.local_name(naming) for image in images})
     previous = files.load_records()
 
     recorded, todo = [], []
     for image in images:
-        rec = _still_recorded(image, images_dir / image.local_name(o.naming), previous.get(image.id))
+        rec = _still_recorded(image, images_dir / image.local_name(naming), previous.get(image.id))
         if rec is not None:
             recorded.append(rec)
         else:
             todo.append(image)
     n = process_count(o, len(todo))
-    downloader = Downloader(images_dir, o, -(-o.concurrency // n), -(-o.per_host // n))
+    downloader = Downloader(images_dir, naming, o, -(-o.concurrency // n), -(-o.per_host // n))
 
     with contextlib.ExitStack() as stack:
         groups = [todo[i::n] for i in range(n)]
@@ -470,23 +466,12 @@ def download_shard(annotations: str | Path, images_dir: str | Path, shard: int, 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.download", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--annotations", required=True, help="FathomNet COCO json (train or test)")
-    parser.add_argument("--images-dir", required=True)
-    parser.add_argument("--shard", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
-                        help="default: $SLURM_ARRAY_TASK_ID")
-    parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument("--state-dir", help="records and markers (default: IMAGES_DIR/.fathompipe)")
-    parser.add_argument("--name", help="shard file prefix (default: the annotation file's stem)")
-    defaults = DownloadConfig()
-    for f in OPTION_FIELDS:
-        value = getattr(defaults, f)
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(value), default=value)
+    add_options(parser, DownloadJob)
+    parser.set_defaults(shard=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), num_shards=1)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    options = DownloadConfig(**{f: getattr(args, f) for f in OPTION_FIELDS})
     try:
-        summary = download_shard(args.annotations, args.images_dir, args.shard, args.num_shards, args.state_dir,
-                                 args.name, options, progress=not args.no_progress)
+        summary = download_shard(from_args(DownloadJob, args), progress=not args.no_progress)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from fathompipe import atomic
 from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
+from fathompipe.cli import add_options, from_args
 from fathompipe.checkpoint import CheckpointError, SlimFiles, export_slim, load_model
+from fathompipe.jobs import InferJob
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
 from fathompipe.outputs import OutputFiles
 from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
@@ -207,12 +209,13 @@ def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor, embed
     atomic.write_bytes(path, buf.getvalue())
 
 
-def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, out: OutputFiles, naming: str,
-              device: str, precision: str, batch_size: int, num_workers: int, shard: int, num_shards: int,
+def run_shard(job: InferJob, model_files: SlimFiles, dataset: CocoDataset, out: OutputFiles,
               progress: bool = True) -> Dict[str, int]:
     """Compute every batch of this shard that has no part file yet."""
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    o, shard, num_shards, batch_size, num_workers = job.options, job.shard, job.options.shards, \
+        job.options.batch_size, job.options.num_workers
+    dev = resolve_device(o.device)
+    prec = resolve_precision(o.precision, dev)
     images = shard_images(dataset, shard, num_shards)
     plan = plan_batches(dataset, images, batch_size)
     todo = [i for i in range(len(plan)) if not out.part(shard, i).exists()]
@@ -227,7 +230,8 @@ def run_shard(model_files: SlimFiles, dataset: CocoDataset, images_dir: Path, ou
           f"{len(plan)} batches, {len(plan) - len(todo)} already done; model loaded in {time.monotonic() - t0:.1f}s",
           flush=True)
     out.parts.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(BatchDataset([plan[i] for i in todo], images_dir, naming), batch_size=None,
+    loader = DataLoader(BatchDataset([plan[i] for i in todo], Path(job.source.images_dir), job.source.naming),
+                        batch_size=None,
                         num_workers=num_workers, pin_memory=dev.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
     counts = {"rois": 0, "skipped": 0}
@@ -344,19 +348,15 @@ def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> 
     return export_slim(path, encoder_config)
 
 
-def run(checkpoint: str | Path, annotations: str | Path, images_dir: str | Path, output: str | Path,
-        split: str = "test", device: str = "auto", precision: str = "auto", batch_size: int = 64,
-        num_workers: int = 4, encoder_config: Optional[str | Path] = None, naming: str = "file_name",
-        shard: int = 0, num_shards: int = 1, progress: bool = True) -> Optional[Dict[str, int]]:
+def run(job: InferJob, progress: bool = True) -> Optional[Dict[str, int]]:
     """One shard of the stage (the callable the driver submits); merges when it is the last."""
-    dataset = load_coco(annotations)
-    files = slim_files(checkpoint, encoder_config)
-    out = OutputFiles(Path(output))
-    if not out.shard_marker(shard, num_shards).exists():
-        run_shard(files, dataset, Path(images_dir), out, naming, device, precision, batch_size, num_workers,
-                  shard, num_shards, progress)
+    dataset = load_coco(job.source.annotations)
+    files = slim_files(job.checkpoint, job.options.encoder_config)
+    out = OutputFiles(Path(job.output))
+    if not out.shard_marker(job.shard, job.options.shards).exists():
+        run_shard(job, files, dataset, out, progress)
     class_names = json.loads(files.meta.read_text())["spec"]["class_names"]
-    merged = merge(dataset, out, class_names, num_shards, split)
+    merged = merge(dataset, out, class_names, job.options.shards, job.source.split)
     if merged is not None:
         print(f"wrote {out.csv} and {out.parquet}: {merged['predicted']} predictions; "
               f"{merged['skipped']} ROIs skipped (listed in {out.skipped}); embeddings in {out.embeddings}", flush=True)
@@ -369,25 +369,12 @@ def run(checkpoint: str | Path, annotations: str | Path, images_dir: str | Path,
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.infer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt or its .inference.safetensors")
-    parser.add_argument("--annotations", required=True)
-    parser.add_argument("--images-dir", required=True)
-    parser.add_argument("--output", required=True, help="OUT.csv; OUT.parquet is written beside it")
-    parser.add_argument("--split", choices=["train", "test"], default="test")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--precision", choices=["auto", "fp32", "tf32", "fp16", "bf16"], default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--encoder-config", help="Dinov2Config fields as JSON (e.g. the parity fixture's)")
-    parser.add_argument("--naming", choices=["file_name", "image_id"], default="file_name")
-    parser.add_argument("--shard", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=1)
+    add_options(parser, InferJob)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     try:
-        run(args.checkpoint, args.annotations, args.images_dir, args.output, args.split, args.device, args.precision,
-            args.batch_size, args.num_workers, args.encoder_config, args.naming, args.shard, args.num_shards)
+        run(from_args(InferJob, args))
     except (CheckpointError, CheckpointMismatch, RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -93,9 +93,12 @@ def data_lost(annotations: dict, images_dir: Path, source_dir: Path, final_csv: 
 
 def clean_run(checkpoint: Path, annotations: Path, images_dir: Path, out_dir: Path, encoder_config: Path) -> Path:
     """Predictions of the same inputs by one uninterrupted in-process run (the reference for data lost)."""
+    from fathompipe.config import InferConfig, SplitSource
     from fathompipe.infer import run
+    from fathompipe.jobs import InferJob
 
     out = out_dir / "predictions.csv"
-    run(checkpoint, annotations, images_dir, out, device="cpu", batch_size=16, num_workers=0,
-        encoder_config=encoder_config, progress=False)
+    run(InferJob(SplitSource(str(annotations), str(images_dir)), str(checkpoint), str(out),
+                 InferConfig(device="cpu", batch_size=16, num_workers=0, encoder_config=str(encoder_config))),
+        progress=False)
     return out

@@ -21,7 +21,8 @@ def test_local_profile_loads_and_overrides_apply():
     (["data.splits=[train]"], ["data.train.annotations", "required"]),
     (["data.test.annotations=/nope/x.json"], ["data.test.annotations='/nope/x.json'", "does not exist"]),
     (["infer.precision=fp8"], ["infer.precision='fp8'"]),
-    (["download.naming=url"], ["download.naming='url'"]),
+    (["data.naming=url"], ["data.naming='url'"]),
+    (["download.naming=image_id"], ["download.naming has moved to data.naming", "data.naming: image_id"]),
     (["run_dir=$FATHOMPIPE_UNSET_VARIABLE/x"], ["run_dir", "FATHOMPIPE_UNSET_VARIABLE", "not set"]),
     (["noequals"], ["key=value"]),
 ])

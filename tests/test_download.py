@@ -12,8 +12,9 @@ from aiohttp import web
 
 from conftest import DATA, PARITY, ROOT
 from fathompipe.annotations import load_coco
-from fathompipe.config import DownloadConfig
+from fathompipe.config import DownloadConfig, SplitSource
 from fathompipe.download import ShardFiles, download_shard, retry_after_seconds
+from fathompipe.jobs import DownloadJob
 from support.fakeserver import FakeFathomNet, Faults, ServerThread
 from support.synthetic import synthetic_png
 from pipeline_helpers import cli, write_profile
@@ -28,7 +29,8 @@ def leftovers(images_dir: Path) -> list:
 def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fathomnet):
     server, ann = fake_fathomnet(DATA / "dataset_test.json", Faults.realistic(retry_after_s=1))
     images = tmp_path / "images"
-    summary = download_shard(ann, images, 0, 1, options=DownloadConfig(max_attempts=10, **FAST), progress=False)
+    summary = download_shard(DownloadJob(SplitSource(ann, images),
+                                         DownloadConfig(num_shards=1, max_attempts=10, **FAST)), progress=False)
     ds = load_coco(ann)
     missing = {im.file_name for im in ds.images.values() if server.is_missing(im.file_name)}
     assert summary.complete and summary.total == 325
@@ -49,7 +51,8 @@ def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fatho
     assert sum(server.requests.values()) > 325  # faults were really injected and retried
 
     before = dict(server.requests)
-    again = download_shard(ann, images, 0, 1, options=DownloadConfig(max_attempts=10, **FAST), progress=False)
+    again = download_shard(DownloadJob(SplitSource(ann, images),
+                                       DownloadConfig(num_shards=1, max_attempts=10, **FAST)), progress=False)
     assert again.complete and again.downloaded == 0
     asked_again = {n for n, c in server.requests.items() if c != before.get(n, 0)}
     assert asked_again <= missing  # nothing on disk was requested again
@@ -57,8 +60,8 @@ def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fatho
 
 def test_transient_failures_are_recorded_and_fail_the_shard(tmp_path, fake_fathomnet):
     server, ann = fake_fathomnet(DATA / "dataset_test.json", Faults(http_503=1.0, retry_after_s=0), limit=4)
-    summary = download_shard(ann, tmp_path / "img", 0, 1, options=DownloadConfig(max_attempts=3, **FAST),
-                             progress=False)
+    summary = download_shard(DownloadJob(SplitSource(ann, tmp_path / "img"),
+                                         DownloadConfig(num_shards=1, max_attempts=3, **FAST)), progress=False)
     assert not summary.complete and summary.failed == 4
     files = ShardFiles.of(tmp_path / "img" / ".fathompipe", "srv", 0, 1)
     assert not files.marker.exists()
@@ -104,8 +107,8 @@ def test_retry_after_and_read_timeout(tmp_path, script, check):
     with ServerThread(scripted) as st:
         ann = _one_image(tmp_path, st.base_url)
         t0 = time.monotonic()
-        opts = DownloadConfig(backoff_base_s=0.01, read_timeout_s=0.5, max_attempts=3)
-        summary = download_shard(ann, tmp_path / "img", 0, 1, options=opts, progress=False)
+        opts = DownloadConfig(num_shards=1, backoff_base_s=0.01, read_timeout_s=0.5, max_attempts=3)
+        summary = download_shard(DownloadJob(SplitSource(ann, tmp_path / "img"), opts), progress=False)
         elapsed = time.monotonic() - t0
     assert summary.complete and (tmp_path / "img/a.png").read_bytes() == scripted.body
     gap = scripted.times[1] - scripted.times[0]
@@ -124,7 +127,8 @@ def test_existing_files_adopted_or_replaced_and_image_id_naming(tmp_path, fake_f
     good, bad = ims[0], ims[1]
     (images / f"{good.id}.png").write_bytes((server.directory / good.file_name).read_bytes())  # another tool's
     (images / f"{bad.id}.png").write_bytes(b"\x89PNG truncated")
-    summary = download_shard(ann, images, 0, 1, options=DownloadConfig(naming="image_id", **FAST), progress=False)
+    summary = download_shard(DownloadJob(SplitSource(ann, images, naming="image_id"),
+                                         DownloadConfig(num_shards=1, **FAST)), progress=False)
     assert summary.complete and summary.downloaded == 5
     assert server.requests[good.file_name] == 0 and server.requests[bad.file_name] == 1
     for im in ims:
@@ -190,8 +194,8 @@ def test_403_is_retried_then_the_shard_is_incomplete_and_status_names_it(tmp_pat
     server, ann = fake_fathomnet(PARITY / "dataset.json", server_class=Forbidden, source_dir=PARITY / "images")
     victim = json.loads(ann.read_text())["images"][1]["file_name"]  # image 2: shard 1 of 3
     Forbidden.forbidden = {victim}
-    summary = download_shard(ann, tmp_path / "direct", 1, 3, options=DownloadConfig(max_attempts=3, **FAST),
-                             progress=False)
+    summary = download_shard(DownloadJob(SplitSource(ann, tmp_path / "direct"),
+                                         DownloadConfig(num_shards=3, max_attempts=3, **FAST), shard=1), progress=False)
     files = ShardFiles.of(tmp_path / "direct" / ".fathompipe", "srv", 1, 3)
     assert not summary.complete and summary.failed == 1 and summary.missing == 0 and not files.marker.exists()
     rec = [r for r in files.load_records().values() if r.status == "failed"][0]

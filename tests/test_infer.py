@@ -17,6 +17,8 @@ import torch
 
 from conftest import PARITY, ROOT
 from fathompipe.checkpoint import load_model
+from fathompipe.config import InferConfig, SplitSource
+from fathompipe.jobs import InferJob
 from fathompipe.infer import OutputFiles, run, slim_files
 from fathompipe.outputs import load_embeddings
 
@@ -33,8 +35,10 @@ def logits_by_annotation(parquet: Path) -> np.ndarray:
 
 
 def infer(parity_copy: Path, out: Path, images: Path = PARITY / "images", **kw) -> dict:
-    return run(parity_copy, PARITY / "dataset.json", images, out, device="cpu", precision="fp32",
-               encoder_config=ENCODER, progress=False, **{"num_workers": 0, "batch_size": 2, **kw})
+    options = InferConfig(device="cpu", precision="fp32", encoder_config=ENCODER, **{"num_workers": 0, "batch_size": 2,
+                                                                                      **kw})
+    return run(InferJob(SplitSource(str(PARITY / "dataset.json"), str(images)), str(parity_copy), str(out), options),
+               progress=False)
 
 
 def test_fp32_cpu_matches_the_winners_logits(parity_copy, tmp_path):

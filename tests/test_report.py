@@ -15,6 +15,8 @@ from PIL import Image
 from conftest import DATA, PARITY
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run as evaluate_stage
+from fathompipe.config import InferConfig, SplitSource
+from fathompipe.jobs import InferJob
 from fathompipe.infer import OutputFiles, run as infer
 from fathompipe.evaluation.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
                                 mistakenness_from_confidence, per_class)
@@ -84,8 +86,9 @@ def parity_run(tmp_path_factory):
     ckpt.parent.mkdir()
     shutil.copyfile(PARITY / "model.ckpt", ckpt)
     out = d / "infer" / "predictions.csv"
-    infer(ckpt, PARITY / "dataset.json", images, out, device="cpu", precision="fp32", num_workers=0, batch_size=8,
-          encoder_config=PARITY / "tiny_dinov2_config.json", progress=False)
+    infer(InferJob(SplitSource(str(PARITY / "dataset.json"), str(images)), str(ckpt), str(out),
+                   InferConfig(device="cpu", precision="fp32", num_workers=0, batch_size=8,
+                               encoder_config=str(PARITY / "tiny_dinov2_config.json"))), progress=False)
     predicted = dict(line.split(",", 1) for line in out.read_text().splitlines()[1:])
     ids = {c["name"]: c["id"] for c in data["categories"]}
     for i, a in enumerate(data["annotations"]):

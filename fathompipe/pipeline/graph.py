@@ -13,8 +13,9 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import submitit
 
-from fathompipe.config import DownloadConfig, PipelineConfig, Resources
+from fathompipe.config import PipelineConfig, Resources
 from fathompipe.download import ShardFiles, download_shard
+from fathompipe.jobs import CheckpointJob, DownloadJob, InferJob
 from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
 from fathompipe.outputs import OutputFiles
 from fathompipe.paths import RunPaths
@@ -37,21 +38,15 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class DownloadTask:
-    split: str
-    annotations: str
-    images_dir: str
-    shard: int
-    num_shards: int
-    state_dir: str
-    options: DownloadConfig
+    job: DownloadJob
 
     @property
     def key(self) -> str:
-        return f"{self.split}/{self.shard}"
+        return f"{self.job.source.split}/{self.job.shard}"
 
     @property
     def files(self) -> ShardFiles:
-        return ShardFiles.of(self.state_dir, self.split, self.shard, self.num_shards)
+        return ShardFiles.of(str(self.job.state_dir), str(self.job.name), self.job.shard, self.job.options.num_shards)
 
     def done(self) -> bool:
         return self.files.marker.exists()
@@ -67,8 +62,7 @@ class DownloadTask:
         return dict(Counter(rec.error for rec in self.files.load_records().values() if rec.status == "failed"))
 
     def __call__(self) -> Dict[str, int]:
-        summary = download_shard(self.annotations, self.images_dir, self.shard, self.num_shards, self.state_dir,
-                                 self.split, self.options, progress=True)
+        summary = download_shard(self.job, progress=True)
         if not summary.complete:
             causes = Counter(self.causes()).most_common(3)
             why = "; causes: " + ", ".join(f"{c} x{n}" for c, n in causes) if causes else ""
@@ -77,73 +71,51 @@ class DownloadTask:
 
 
 def download_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    tasks: List[Task] = []
-    for split in cfg.data.splits:
-        data = getattr(cfg.data, split)
-        for shard in range(cfg.download.num_shards):
-            tasks.append(DownloadTask(split, data.annotations, data.images_dir, shard, cfg.download.num_shards,
-                                      str(paths.state("download")), cfg.download))
-    return tasks
+    return [DownloadTask(DownloadJob(cfg.data.source(split), cfg.download, shard, str(paths.state("download")), split))
+            for split in cfg.data.splits for shard in range(cfg.download.num_shards)]
 
 
 @dataclass(frozen=True)
 class CheckpointTask:
-    path: str
-    gdrive_id: str
-    url: Optional[str]
-    encoder_config: Optional[str]
+    job: CheckpointJob
     key: str = "checkpoint"
 
     def done(self) -> bool:
-        return slim_is_current(Path(self.path), self.encoder_config)
+        return slim_is_current(Path(self.job.options.path), self.job.encoder_config)
 
     def progress(self) -> Dict[str, int]:
         return {"slim": int(self.done())}
 
     def __call__(self) -> str:
-        from fathompipe.checkpoint import prepare
-        return str(prepare(self.path, self.gdrive_id, self.url, self.encoder_config).weights)
+        from fathompipe.checkpoint import run
+        return str(run(self.job).weights)
 
 
 @dataclass(frozen=True)
 class InferTask(submitit.helpers.Checkpointable):
     """Requeued by submitit at its time limit or on preemption; finished batches are on disk."""
 
-    split: str
-    annotations: str
-    images_dir: str
-    checkpoint_path: str  # not `checkpoint`: that is submitit's requeue hook
-    output: str
-    device: str
-    precision: str
-    batch_size: int
-    num_workers: int
-    encoder_config: Optional[str]
-    naming: str
-    shard: int
-    num_shards: int
+    job: InferJob
 
     @property
     def key(self) -> str:
-        return f"{self.split}/{self.shard}"
+        return f"{self.job.source.split}/{self.job.shard}"
 
     def done(self) -> bool:
-        out = OutputFiles(Path(self.output))
-        return out.shard_marker(self.shard, self.num_shards).exists() and out.csv.exists()
+        out = OutputFiles(Path(self.job.output))
+        return out.shard_marker(self.job.shard, self.job.options.shards).exists() and out.csv.exists()
 
     def progress(self) -> Dict[str, int]:
-        return {"batches": len(list(OutputFiles(Path(self.output)).parts.glob(f"shard{self.shard:03d}-batch*.npz")))}
+        return {"batches": len(list(OutputFiles(Path(self.job.output)).parts.glob(
+            f"shard{self.job.shard:03d}-batch*.npz")))}
 
     def __call__(self) -> object:
         from fathompipe.infer import run
-        return run(self.checkpoint_path, self.annotations, self.images_dir, self.output, self.split, self.device,
-                   self.precision, self.batch_size, self.num_workers, self.encoder_config, self.naming, self.shard,
-                   self.num_shards)
+        return run(self.job)
 
 
 def checkpoint_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    c = cfg.checkpoint
-    return [CheckpointTask(c.path, c.gdrive_id, c.url, cfg.infer.encoder_config)]
+    return [CheckpointTask(CheckpointJob(cfg.checkpoint, cfg.infer.encoder_config))]
 
 
 def predictions_path(paths: RunPaths, split: str) -> Path:
@@ -151,15 +123,9 @@ def predictions_path(paths: RunPaths, split: str) -> Path:
 
 
 def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    i = cfg.infer
-    tasks: List[Task] = []
-    for split in cfg.data.splits:
-        data = getattr(cfg.data, split)
-        for shard in range(i.shards):
-            tasks.append(InferTask(split, data.annotations, data.images_dir, cfg.checkpoint.path,
-                                   str(predictions_path(paths, split)), i.device, i.precision, i.batch_size,
-                                   i.num_workers, i.encoder_config, cfg.download.naming, shard, i.shards))
-    return tasks
+    return [InferTask(InferJob(cfg.data.source(split), cfg.checkpoint.path, str(predictions_path(paths, split)),
+                               cfg.infer, shard))
+            for split in cfg.data.splits for shard in range(cfg.infer.shards)]
 
 
 @dataclass(frozen=True)
@@ -195,7 +161,7 @@ def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
                    for split in cfg.data.splits)
     target = FiftyOneTarget(e.dataset, e.field, e.eval_key, e.database_uri, e.deployment, e.env_file) \
         if e.fiftyone else None
-    return [EvaluateTask(splits, cfg.download.naming, target)]
+    return [EvaluateTask(splits, cfg.data.naming, target)]
 
 
 @dataclass(frozen=True)

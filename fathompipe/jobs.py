@@ -1,0 +1,44 @@
+"""What one task of each stage runs: its configuration sections and its place in the run, as one typed object.
+
+The driver pickles these inside its tasks, and each stage's command line is generated from them (fathompipe.cli),
+so a new option is one field in fathompipe/config.py and the code that reads it. Free of torch and aiohttp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fathompipe.config import CheckpointConfig, DownloadConfig, InferConfig, SplitSource
+
+
+@dataclass(frozen=True)
+class DownloadJob:
+    """One shard of one split's images (`options.num_shards` shards in all)."""
+
+    source: SplitSource
+    options: DownloadConfig = field(default_factory=DownloadConfig)
+    shard: int = field(default=0, metadata={"help": "default: $SLURM_ARRAY_TASK_ID"})
+    state_dir: Optional[str] = field(default=None, metadata={"help": "records and markers "
+                                                             "(default: IMAGES_DIR/.fathompipe)"})
+    name: Optional[str] = field(default=None, metadata={"help": "shard file prefix "
+                                                        "(default: the annotation file's stem)"})
+
+
+@dataclass(frozen=True)
+class CheckpointJob:
+    """Get and verify the checkpoint and export its slim weights (for the encoder the inference stage uses)."""
+
+    options: CheckpointConfig = field(default_factory=CheckpointConfig)
+    encoder_config: Optional[str] = field(default=None, metadata={"help": "Dinov2Config fields as JSON "
+                                                                  "(head count etc.)"})
+
+
+@dataclass(frozen=True)
+class InferJob:
+    """One shard (of `options.shards`) of one split's ROIs; the last shard to finish merges them."""
+
+    source: SplitSource
+    checkpoint: str = field(metadata={"help": "Lightning .ckpt or its .inference.safetensors"})
+    output: str = field(metadata={"help": "OUT.csv; OUT.parquet is written beside it"})
+    options: InferConfig = field(default_factory=InferConfig)
+    shard: int = 0
