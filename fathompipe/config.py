@@ -108,6 +108,8 @@ class InferConfig:
                                              "sets, merged at the end"})
     encoder_config: Optional[str] = field(default=None, metadata={"help": "Dinov2Config fields as JSON (e.g. the "
                                                                   "parity fixture's); default: 64-dim heads"})
+    embeddings: bool = field(default=True, metadata={"help": "write OUT.embeddings.npz, the per-ROI embeddings "
+                                                     "(1024 floats a ROI: about 100 MB for the train split)"})
     resources: Resources = field(
         default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1),
         metadata=NO_CLI)

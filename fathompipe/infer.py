@@ -197,15 +197,15 @@ class Predictor:
                 embeddings.float().reshape(-1, embeddings.shape[-1]).cpu())
 
 
-def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor, embeddings: torch.Tensor) -> None:
+def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor, embeddings: Optional[torch.Tensor]) -> None:
     buf = io.BytesIO()
     skipped = batch["skipped"]
     assert isinstance(skipped, list)
+    kept = {} if embeddings is None else {"embeddings": embeddings.numpy().astype(np.float32)}
     np.savez(buf, annotation_id=np.asarray(batch["annotation_id"], np.int64),
              image_id=np.asarray(batch["image_id"], np.int64), logits=logits.numpy().astype(np.float32),
-             embeddings=embeddings.numpy().astype(np.float32),
              note=np.asarray(batch["note"], dtype=str),
-             skipped=np.asarray([json.dumps(s) for s in skipped], dtype=str))
+             skipped=np.asarray([json.dumps(s) for s in skipped], dtype=str), **kept)
     atomic.write_bytes(path, buf.getvalue())
 
 
@@ -245,7 +245,8 @@ def run_shard(job: InferJob, model_files: SlimFiles, dataset: CocoDataset, out: 
         for batch in loader:
             logits, embeddings = predictor.predict(batch) if batch["annotation_id"] else (
                 torch.empty((0, len(spec.class_names))), torch.empty((0, spec.hidden_size)))
-            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits, embeddings))
+            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits,
+                                        embeddings if o.embeddings else None))
             counts["rois"] += len(batch["annotation_id"])
             counts["skipped"] += len(batch["skipped"])
             bar.update(len(batch["annotation_id"]) + len(batch["skipped"]))
@@ -324,6 +325,7 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
 def _write_embeddings(path: Path, ids: List[np.ndarray], embeddings: List[np.ndarray]) -> int:
     """OUT.embeddings.npz: `annotation_id` (ascending) and `embeddings` (N, D) float32, row i for id i."""
     if not ids:
+        path.unlink(missing_ok=True)  # none asked for (infer.embeddings=false): no stale file from an earlier run
         return 0
     ann_id = np.concatenate(ids)
     order = np.argsort(ann_id, kind="stable")
@@ -358,9 +360,10 @@ def run(job: InferJob, progress: bool = True) -> Optional[Dict[str, int]]:
     class_names = json.loads(files.meta.read_text())["spec"]["class_names"]
     merged = merge(dataset, out, class_names, job.options.shards, job.source.split)
     if merged is not None:
+        kept = f"embeddings in {out.embeddings}" if job.options.embeddings else "no embeddings (infer.embeddings=false)"
         print(f"wrote {out.csv} and {out.parquet}: {merged['predicted']} predictions; "
-              f"{merged['skipped']} ROIs skipped (listed in {out.skipped}); embeddings in {out.embeddings}", flush=True)
-        if merged["embedded"] < merged["predicted"]:
+              f"{merged['skipped']} ROIs skipped (listed in {out.skipped}); {kept}", flush=True)
+        if job.options.embeddings and merged["embedded"] < merged["predicted"]:
             print(f"note: {merged['predicted'] - merged['embedded']} predictions come from batches computed before "
                   f"fathompipe saved embeddings and have none; for all of them, delete {out.parts} and rerun",
                   flush=True)

@@ -72,6 +72,18 @@ def test_embeddings_are_the_classifier_heads_input(parity_copy, tmp_path):
     assert np.abs(np.stack([by_id[a] for a in ANN_IDS]) - EXPECTED_LOGITS).max() < 1e-4  # the winner's logits
 
 
+def test_embeddings_off_writes_none_and_the_same_predictions(parity_copy, tmp_path):
+    """infer.embeddings=false (e.g. for the train split, where the file is large): no embeddings file, none kept in
+    the parts, a stale file from an earlier run removed, and predictions equal to a run with embeddings."""
+    out = tmp_path / "pred.csv"
+    OutputFiles(out).embeddings.write_bytes(b"stale")
+    assert infer(parity_copy, out, batch_size=7, embeddings=False) == {"predicted": 30, "skipped": 0, "embedded": 0}
+    assert not OutputFiles(out).embeddings.exists()
+    assert all("embeddings" not in np.load(part).files for part in OutputFiles(out).parts.glob("*.npz"))
+    assert out.read_text() == EXPECTED_CSV
+    assert np.abs(logits_by_annotation(out.with_suffix(".parquet")) - EXPECTED_LOGITS).max() < 1e-4
+
+
 @pytest.mark.parametrize("batch_size, workers", [(1, 0), (7, 2), (64, 1)])
 def test_any_batch_size_gives_the_same_result(parity_copy, tmp_path, batch_size, workers):
     out = tmp_path / "pred.csv"
