@@ -84,7 +84,7 @@ LOAD = """
 import sys, time
 t0 = time.perf_counter()
 from fathompipe.checkpoint import load_model
-from fathompipe.model.slim import SlimFiles
+from fathompipe.layout import SlimFiles
 from pathlib import Path
 t1 = time.perf_counter()
 model, spec = load_model(SlimFiles.beside(Path(sys.argv[1])))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+from fathompipe.layout import RunPaths, evaluate_marker
 from support.fakeserver import FakeFathomNet, Faults, ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +53,13 @@ def main(argv: List[str] | None = None) -> int:
         print(f"demo: a stage failed; see the message above, then rerun `python -m demo` "
               f"(finished work is kept) or `python -m fathompipe.status --run-dir {run_dir}`", file=sys.stderr)
         return rc
-    done = json.loads((run_dir / "evaluate" / "train" / "evaluate.done").read_text())
+    paths = RunPaths.of(run_dir)
+    done = json.loads(evaluate_marker(paths.report_dir("train")).read_text())
     fo = done.get("fiftyone", {})
     print("\n=== fathompipe demo finished ===")
     print(f"report:      {done['report']}")
     print(f"headline:    {done['headline']}")
-    print(f"predictions: {run_dir / 'infer' / 'train' / 'predictions.csv'} (and .parquet)")
+    print(f"predictions: {paths.predictions('train').csv} (and .parquet)")
     if fo:
         print(f"FiftyOne:    dataset '{fo['dataset']}', field '{fo['field']}', evaluation '{fo.get('eval_key')}', "
               f"saved view '{fo.get('saved_view')}'")

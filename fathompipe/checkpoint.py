@@ -37,7 +37,8 @@ from fathompipe import atomic
 from fathompipe.cli import add_options, from_args
 from fathompipe.config import WINNER_GDRIVE_ID
 from fathompipe.jobs import CheckpointJob
-from fathompipe.model.slim import (CheckpointError, CorruptCheckpoint, SlimFiles, fingerprint, load_encoder_overrides,
+from fathompipe.layout import SlimFiles
+from fathompipe.model.slim import (CheckpointError, CorruptCheckpoint, fingerprint, load_encoder_overrides,
                                    slim_is_current)
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
 

@@ -22,6 +22,7 @@ from fathompipe.annotations import AnnotationError, load_coco
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
+from fathompipe.layout import evaluate_marker
 from fathompipe.evaluation.report import evaluate as score
 from fathompipe.evaluation.report import headline, load_predictions, write_report
 
@@ -45,7 +46,7 @@ def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path
         result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, images_dir or "",
                                            naming, fiftyone)
     result["seconds"] = round(time.monotonic() - t0, 1)
-    atomic.write_json(out / "evaluate.done", result)
+    atomic.write_json(evaluate_marker(out), result)
     return result
 
 
@@ -93,7 +94,7 @@ def run_splits(splits: Sequence[SplitInputs], naming: str, fiftyone: Optional[Fi
     on one directory; a split with its completion marker is skipped."""
     results: Dict[str, object] = {}
     for s in splits:
-        marker = Path(s.report_dir) / "evaluate.done"
+        marker = evaluate_marker(s.report_dir)
         if marker.exists():
             print(f"{s.split}: already evaluated ({marker})", flush=True)
             continue

@@ -35,10 +35,10 @@ from tqdm import tqdm
 from fathompipe import atomic
 from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
 from fathompipe.cli import add_options, from_args
-from fathompipe.checkpoint import CheckpointError, SlimFiles, export_slim, load_model
+from fathompipe.checkpoint import CheckpointError, export_slim, load_model
 from fathompipe.jobs import InferJob
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
-from fathompipe.outputs import OutputFiles
+from fathompipe.layout import OutputFiles, SlimFiles
 from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
 
 TOPK = 5
@@ -270,13 +270,13 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
     """Once every shard is done, write OUT.parquet, OUT.embeddings.npz, OUT.skipped.csv and, last
     (the stage's completion test), OUT.csv, each atomically."""
     out.parts.mkdir(parents=True, exist_ok=True)
-    with open(out.parts / ".merge.lock", "w") as lock:
+    with open(out.merge_lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
             return None
         ids, image_ids, logits, notes, skipped = [], [], [], [], []
         emb_ids, embeddings = [], []
-        for part in sorted(out.parts.glob("shard*-batch*.npz")):
+        for part in out.all_parts():
             with np.load(part) as z:
                 ids.append(z["annotation_id"])
                 image_ids.append(z["image_id"])
@@ -335,6 +335,20 @@ def _write_embeddings(path: Path, ids: List[np.ndarray], embeddings: List[np.nda
     return len(ann_id)
 
 
+def load_embeddings(path: str | Path) -> Tuple["np.ndarray", "np.ndarray"]:
+    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32) from OUT.embeddings.npz."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"embeddings {path} do not exist (the infer stage writes them beside its predictions)")
+    with np.load(path) as z:
+        if not {"annotation_id", "embeddings"} <= set(z.files):
+            raise ValueError(f"{path}: expected arrays annotation_id and embeddings, found {sorted(z.files)}")
+        ids, emb = z["annotation_id"], z["embeddings"]
+    if emb.ndim != 2 or len(ids) != len(emb):
+        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match {len(ids)} annotation ids")
+    return ids, emb
+
+
 def _csv_field(value: str) -> str:
     return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
 
@@ -346,7 +360,7 @@ def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> 
         raise CheckpointError(f"{path} does not exist: run the checkpoint stage first "
                               f"(python -m fathompipe.checkpoint --checkpoint {path})")
     if path.suffix == ".safetensors":
-        return SlimFiles(path, path.with_suffix(".json"))
+        return SlimFiles.of_weights(path)
     return export_slim(path, encoder_config)
 
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Set
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
 from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.preflight import preflight
 from fathompipe.pipeline.state import RunStateError
 from fathompipe.pipeline.graph import STAGES, Stage, downstream, stage_by_name

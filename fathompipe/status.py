@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError, PipelineConfig, load_config
 from fathompipe.pipeline.submission import job_states
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.state import RunState, RunStateError
 from fathompipe.pipeline.scheduler import ACTIVE, job_sort_key, last_error_line, log_paths
 from fathompipe.pipeline.graph import STAGES

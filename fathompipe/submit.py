@@ -23,7 +23,7 @@ from fathompipe import atomic
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
 from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.preflight import check_scripts, preflight
 from fathompipe.pipeline.state import RunState, RunStateError
 from fathompipe.pipeline.scheduler import queued_jobs_under, render_sbatch
@@ -45,7 +45,7 @@ def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> Ru
                           f"still queued or running. Wait for them (squeue) or cancel them (scancel), then rerun "
                           f"this command.")
     if paths.run_json.exists():
-        os.replace(paths.run_json, paths.run_json.with_name("run.json.damaged"))
+        os.replace(paths.run_json, paths.damaged_run_json)
     if not paths.config.exists():
         atomic.write_text(paths.config, config_yaml)
     state = RunState(cluster=cfg.cluster)

@@ -13,7 +13,9 @@ from aiohttp import web
 from conftest import DATA, PARITY, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.config import DownloadConfig, SplitSource
-from fathompipe.download import ShardFiles, download_shard, retry_after_seconds
+from fathompipe.download import download_shard
+from fathompipe.fetch.client import retry_after_seconds
+from fathompipe.layout import ShardFiles
 from fathompipe.jobs import DownloadJob
 from support.fakeserver import FakeFathomNet, Faults, ServerThread
 from support.synthetic import synthetic_png

@@ -12,7 +12,7 @@ from conftest import ROOT
 from fathompipe.config import load_config
 from fathompipe.pipeline.submission import (SubmitError, config_differences, plan_dependency, plan_submission,
                                             refused_change)
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.resubmit import selected_shards
 from fathompipe.pipeline.scheduler import (afterok, expand_job_id, job_sort_key, keys_to_change, last_error_line,
                                            parse_sacct, parse_squeue, rejection_reason)

@@ -19,8 +19,9 @@ from conftest import PARITY, ROOT
 from fathompipe.checkpoint import load_model
 from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
-from fathompipe.infer import OutputFiles, run, slim_files
-from fathompipe.outputs import load_embeddings
+from fathompipe.infer import run, slim_files
+from fathompipe.layout import OutputFiles
+from fathompipe.infer import load_embeddings
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
 EXPECTED_LOGITS = np.load(PARITY / ("expected_logits_pillow13.npy" if PILLOW13 else "expected_logits.npy"))

@@ -17,7 +17,8 @@ from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run as evaluate_stage
 from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
-from fathompipe.infer import OutputFiles, run as infer
+from fathompipe.infer import run as infer
+from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
                                 mistakenness_from_confidence, per_class)
 from fathompipe.evaluation.report import write_report

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from fathompipe.config import Resources, load_config
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.scheduler import render_sbatch
 from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from fathompipe.annotations import CocoDataset
 from fathompipe.evaluation.metric import MAX_DISTANCE, distances
-from fathompipe.outputs import OutputFiles
+from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
 
 NOT_IN_FILE = "no prediction in the predictions file"

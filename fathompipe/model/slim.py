@@ -5,9 +5,10 @@ Kept free of torch so that `status` and the driver can test completion in millis
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from fathompipe.layout import SlimFiles
 
 
 class CheckpointError(RuntimeError):
@@ -16,18 +17,6 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpoint(CheckpointError):
     """The file is not a readable checkpoint at all (truncated copy, damaged bytes)."""
-
-
-@dataclass(frozen=True)
-class SlimFiles:
-    weights: Path
-    meta: Path
-
-    @classmethod
-    def beside(cls, checkpoint: Path) -> "SlimFiles":
-        stem = checkpoint.name.removesuffix(".ckpt")
-        return cls(checkpoint.with_name(f"{stem}.inference.safetensors"),
-                   checkpoint.with_name(f"{stem}.inference.json"))
 
 
 def fingerprint(path: Path) -> Dict[str, int]:

@@ -14,11 +14,9 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import submitit
 
 from fathompipe.config import PipelineConfig, Resources
-from fathompipe.download import ShardFiles, download_shard
 from fathompipe.jobs import CheckpointJob, DownloadJob, InferJob
 from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
-from fathompipe.outputs import OutputFiles
-from fathompipe.paths import RunPaths
+from fathompipe.layout import OutputFiles, RunPaths, ShardFiles, evaluate_marker
 from fathompipe.model.slim import slim_is_current
 
 
@@ -62,6 +60,7 @@ class DownloadTask:
         return dict(Counter(rec.error for rec in self.files.load_records().values() if rec.status == "failed"))
 
     def __call__(self) -> Dict[str, int]:
+        from fathompipe.download import download_shard
         summary = download_shard(self.job, progress=True)
         if not summary.complete:
             causes = Counter(self.causes()).most_common(3)
@@ -71,7 +70,8 @@ class DownloadTask:
 
 
 def download_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    return [DownloadTask(DownloadJob(cfg.data.source(split), cfg.download, shard, str(paths.state("download")), split))
+    return [DownloadTask(DownloadJob(cfg.data.source(split), cfg.download, shard,
+                                     str(paths.shard_files(split, shard, cfg.download.num_shards).state_dir), split))
             for split in cfg.data.splits for shard in range(cfg.download.num_shards)]
 
 
@@ -106,8 +106,7 @@ class InferTask(submitit.helpers.Checkpointable):
         return out.shard_marker(self.job.shard, self.job.options.shards).exists() and out.csv.exists()
 
     def progress(self) -> Dict[str, int]:
-        return {"batches": len(list(OutputFiles(Path(self.job.output)).parts.glob(
-            f"shard{self.job.shard:03d}-batch*.npz")))}
+        return {"batches": len(OutputFiles(Path(self.job.output)).shard_parts(self.job.shard))}
 
     def __call__(self) -> object:
         from fathompipe.infer import run
@@ -118,12 +117,8 @@ def checkpoint_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
     return [CheckpointTask(CheckpointJob(cfg.checkpoint, cfg.infer.encoder_config))]
 
 
-def predictions_path(paths: RunPaths, split: str) -> Path:
-    return paths.state("infer") / split / "predictions.csv"
-
-
 def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    return [InferTask(InferJob(cfg.data.source(split), cfg.checkpoint.path, str(predictions_path(paths, split)),
+    return [InferTask(InferJob(cfg.data.source(split), cfg.checkpoint.path, str(paths.predictions(split).csv),
                                cfg.infer, shard))
             for split in cfg.data.splits for shard in range(cfg.infer.shards)]
 
@@ -143,10 +138,10 @@ class EvaluateTask:
         return "+".join(s.split for s in self.splits)
 
     def done(self) -> bool:
-        return all((Path(s.report_dir) / "evaluate.done").exists() for s in self.splits)
+        return all(evaluate_marker(s.report_dir).exists() for s in self.splits)
 
     def progress(self) -> Dict[str, int]:
-        return {"reports": sum((Path(s.report_dir) / "evaluate.done").exists() for s in self.splits)}
+        return {"reports": sum(evaluate_marker(s.report_dir).exists() for s in self.splits)}
 
     def __call__(self) -> object:
         from fathompipe.evaluate import run_splits
@@ -156,8 +151,8 @@ class EvaluateTask:
 def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
     e = cfg.evaluate
     splits = tuple(SplitInputs(split, getattr(cfg.data, split).annotations,
-                               str(predictions_path(paths, split).with_suffix(".parquet")),
-                               str(paths.state("evaluate") / split), getattr(cfg.data, split).images_dir)
+                               str(paths.predictions(split).parquet), str(paths.report_dir(split)),
+                               getattr(cfg.data, split).images_dir)
                    for split in cfg.data.splits)
     target = FiftyOneTarget(e.dataset, e.field, e.eval_key, e.database_uri, e.deployment, e.env_file) \
         if e.fiftyone else None

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from fathompipe.annotations import AnnotationError, load_coco
 from fathompipe.config import PipelineConfig
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.scheduler import keys_to_change, render_sbatch, sbatch_test_only
 from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from fathompipe import atomic
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 
 VERSION = 1
 

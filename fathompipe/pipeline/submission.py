@@ -21,7 +21,7 @@ from submitit.core.utils import FailedJobError
 
 from fathompipe import atomic
 from fathompipe.config import PipelineConfig
-from fathompipe.paths import RunPaths
+from fathompipe.layout import RunPaths
 from fathompipe.pipeline.state import RunState, Submission
 from fathompipe.pipeline.scheduler import (ACTIVE, afterok, cancel, job_sort_key, keys_to_change, local_states,
                                            make_executor, query_states, rejection_reason)
