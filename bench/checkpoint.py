@@ -83,7 +83,7 @@ def run_sampled(cmd: list) -> Dict[str, Union[float, str]]:
 LOAD = """
 import sys, time
 t0 = time.perf_counter()
-from fathompipe.checkpoint import load_model
+from fathompipe.model.weights import load_model
 from fathompipe.layout import SlimFiles
 from pathlib import Path
 t1 = time.perf_counter()

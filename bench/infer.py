@@ -256,7 +256,7 @@ def bench_model(device: torch.device, quick: bool) -> None:
 
 def bench_parity_agreement(device: torch.device) -> None:
     """Agreement with fp32 on the parity fixture's trained tiny model (real preprocessing)."""
-    from fathompipe.checkpoint import export_slim, load_model
+    from fathompipe.model.weights import export_slim, load_model
     from fathompipe.infer import Predictor
     tmp = Path(tempfile.mkdtemp())
     (tmp / "model.ckpt").write_bytes((PARITY / "model.ckpt").read_bytes())

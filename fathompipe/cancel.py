@@ -14,10 +14,9 @@ from typing import List
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError
 from fathompipe.pipeline.submission import SubmitError, active_jobs, run_lock
-from fathompipe.pipeline.state import RunStateError
+from fathompipe.pipeline.state import RunStateError, load_run
 from fathompipe.pipeline.scheduler import cancel
 from fathompipe.pipeline.graph import STAGES
-from fathompipe.status import load_run
 
 
 def main(argv: List[str] | None = None) -> int:

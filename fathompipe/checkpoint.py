@@ -14,181 +14,28 @@ later runs reuse them and never open the 16 GB file again.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
-import pickle
 import sys
-import time
-import typing
-import zipfile
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import requests
-import torch
-from omegaconf import DictConfig, ListConfig
-from omegaconf.base import ContainerMetadata, Metadata
-from omegaconf.nodes import AnyNode
-from safetensors.torch import load_file, save_file
 
-from fathompipe import atomic
 from fathompipe.cli import add_options, from_args
 from fathompipe.config import WINNER_GDRIVE_ID
 from fathompipe.jobs import CheckpointJob
 from fathompipe.layout import SlimFiles
-from fathompipe.model.slim import (CheckpointError, CorruptCheckpoint, fingerprint, load_encoder_overrides,
-                                   slim_is_current)
-from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier, ModelSpec, check_keys, inference_state_dict
+from fathompipe.model.slim import CheckpointError, CorruptCheckpoint
+from fathompipe.model.winner import CheckpointMismatch
+from fathompipe.model.weights import export_slim
 
-# What a Lightning checkpoint with OmegaConf hyper-parameters pickles, and nothing more.
-ALLOWED_GLOBALS: List[Any] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list,
-                              int, collections.defaultdict]
-_ALLOWED_NAMES = {f"{g.__module__}.{g.__qualname__}" if hasattr(g, "__qualname__") else str(g) for g in ALLOWED_GLOBALS}
 QUOTA_HELP = (
     "Google Drive refused the download: too many users have downloaded this file recently (Drive's quota). "
     "Wait a few hours and rerun, or download it by hand in a browser from "
     "https://drive.google.com/file/d/{id}/view while signed in to Google, copy it to {path} "
     "(e.g. with scp or Globus), and rerun: an existing file is verified, not downloaded again.")
 
-class Inert:
-    """Stands in for a pickle global outside the allowlist: calling, constructing or restoring it only records
-    the arguments, so nothing from the file runs. Tolerated where inference never looks (optimizer, callback
-    and loop state); refused inside `state_dict` or `hyper_parameters`."""
-
-    global_name = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # dict-like globals get their items set
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value: Any) -> None:  # list-like globals get appended to
-        self.__dict__.setdefault("values", []).append(value)
-
-    def extend(self, values: Any) -> None:
-        self.__dict__.setdefault("values", []).extend(values)
-
-
-def inert_stand_ins(names: List[str]) -> List[Tuple[type, str]]:
-    """One Inert subclass per unknown global name, in torch's (object, "module.name") allowlist form."""
-    return [(type(f"Inert[{name}]", (Inert,), {"global_name": name}), name) for name in names]
-
-
-def _inert_inside(value: Any, where: str, seen: Optional[set] = None) -> Optional[Tuple[str, str]]:
-    """(global name, path) of the first stand-in inside `value` (dicts, lists, OmegaConf containers), else None."""
-    seen = set() if seen is None else seen
-    if id(value) in seen or isinstance(value, (torch.Tensor, str, bytes, int, float, bool, type(None))):
-        return None
-    seen.add(id(value))
-    if isinstance(value, Inert):
-        return value.global_name, where
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = value._content  # private (omegaconf 2.4.0): the raw nodes, so no interpolation or resolver runs
-    if isinstance(value, AnyNode):
-        value = value._value()  # private (omegaconf 2.4.0): the stored value, unresolved
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple, set)):
-        items = list(enumerate(value))
-    else:
-        items = list(getattr(value, "__dict__", {}).items())
-    for key, item in items:
-        found = _inert_inside(item, f"{where}[{key!r}]", seen)
-        if found:
-            return found
-    return None
-
-
-def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
-    """torch.load with weights_only and the allowlist; memory-mapped (nothing read until used).
-
-    A global outside the allowlist (a newer Lightning's callback state, a numpy scalar in a logger's
-    metrics) is given an inert stand-in, so nothing runs; it is refused if it sits in `state_dict` or
-    `hyper_parameters`, which inference uses.
-    """
-    try:
-        unknown = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                   if g not in _ALLOWED_NAMES]
-        with torch.serialization.safe_globals([*ALLOWED_GLOBALS, *inert_stand_ins(unknown)]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
-        raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
-                              f"({detail}). Nothing from it was executed. Use the winner's original "
-                              "checkpoint.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
-                                f"truncated or corrupt") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointMismatch(f"{path}: not a Lightning checkpoint: the top level is not a dict")
-    for key in ("state_dict", "hyper_parameters"):
-        found = _inert_inside(ckpt.get(key), key)
-        if found:
-            raise CheckpointError(f"{path}: refused to load: {found[1]} holds the pickle global {found[0]}, outside "
-                                  f"the allowlist, where inference would use it. Nothing from it was executed. Use "
-                                  f"the winner's original checkpoint.")
-    if unknown:
-        print(f"{path}: {len(unknown)} pickle global(s) outside the allowlist, not needed for inference, "
-              f"loaded as inert stand-ins (nothing from them ran): {', '.join(sorted(unknown))}", flush=True)
-    return ckpt
-
-
-def spec_from_checkpoint(ckpt: Dict[str, Any], encoder_overrides: Optional[Dict[str, Any]] = None) -> ModelSpec:
-    hp = ckpt.get("hyper_parameters")
-    if hp is None or "state_dict" not in ckpt:
-        raise CheckpointMismatch("not a Lightning checkpoint: no 'state_dict' or 'hyper_parameters'")
-    id2name = hp["category_id2name"]
-    names = [id2name[i] for i in range(len(id2name))]
-    crop = int(hp.get("obj_encoder_size", [256, 256])[0])
-    scales = [int(s) for s in hp.get("env_img_crop_scale_list", [3, 5, -1])]
-    return ModelSpec.infer(ckpt["state_dict"], names, crop, scales, encoder_overrides)
-
-def check_fits(spec: ModelSpec, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Strict key and shape check against the architecture, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = FathomNetClassifier(spec)
-    check_keys(model.checkpoint_shapes(), state_dict)
-
-def export_slim(checkpoint: Path, encoder_config: Optional[str | Path] = None, force: bool = False) -> SlimFiles:
-    """Verify `checkpoint` and write (or reuse) its slim inference files."""
-    slim = SlimFiles.beside(checkpoint)
-    if not force and slim_is_current(checkpoint, encoder_config):
-        print(f"slim weights up to date: {slim.weights}")
-        return slim
-    overrides = load_encoder_overrides(encoder_config)
-    t0 = time.monotonic()
-    ckpt = load_lightning_checkpoint(checkpoint)
-    spec = spec_from_checkpoint(ckpt, overrides)
-    weights = inference_state_dict(ckpt["state_dict"])
-    check_fits(spec, weights)
-    n_params = sum(v.numel() for v in ckpt["state_dict"].values())
-    save_weights = {k: v.contiguous() for k, v in weights.items()}
-    with atomic.atomic_path(slim.weights) as tmp:
-        save_file(save_weights, str(tmp))
-    meta = {"source": fingerprint(checkpoint), "source_path": str(checkpoint), "encoder_config": overrides,
-            "spec": spec.__dict__,
-            "state_dict_keys": len(ckpt["state_dict"]), "parameters": n_params,
-            "inference_keys": len(weights), "lightning_version": ckpt.get("pytorch-lightning_version")}
-    atomic.write_json(slim.meta, meta)  # written last: its presence means the weights are complete
-    print(f"verified {checkpoint}: {len(ckpt['state_dict'])} tensors, {n_params / 1e9:.3f}e9 parameters; "
-          f"exported {len(weights)} inference tensors to {slim.weights} in {time.monotonic() - t0:.1f}s")
-    return slim
-
-def load_model(slim: SlimFiles, device: torch.device | str = "cpu") -> Tuple[FathomNetClassifier, ModelSpec]:
-    """Build the model from the slim files: seconds, whatever the original checkpoint's size."""
-    meta = json.loads(slim.meta.read_text())
-    spec = ModelSpec(**meta["spec"])
-    with torch.device("meta"):
-        model = FathomNetClassifier(spec)
-    state = load_file(str(slim.weights), device=str(device))
-    model.load_weights(state, assign=True)
-    return model.eval(), spec
 
 def download(checkpoint: Path, gdrive_id: str = WINNER_GDRIVE_ID, url: Optional[str] = None) -> None:
     """Fetch the checkpoint with gdown, resuming a partial download."""

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from fathompipe import atomic
 from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
 from fathompipe.cli import add_options, from_args
-from fathompipe.checkpoint import CheckpointError, export_slim, load_model
+from fathompipe.model.slim import CheckpointError, read_meta
+from fathompipe.model.weights import export_slim, load_model
 from fathompipe.jobs import InferJob
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
 from fathompipe.layout import OutputFiles, SlimFiles
@@ -371,7 +372,7 @@ def run(job: InferJob, progress: bool = True) -> Optional[Dict[str, int]]:
     out = OutputFiles(Path(job.output))
     if not out.shard_marker(job.shard, job.options.shards).exists():
         run_shard(job, files, dataset, out, progress)
-    class_names = json.loads(files.meta.read_text())["spec"]["class_names"]
+    class_names = read_meta(files)["spec"]["class_names"]
     merged = merge(dataset, out, class_names, job.options.shards, job.source.split)
     if merged is not None:
         kept = f"embeddings in {out.embeddings}" if job.options.embeddings else "no embeddings (infer.embeddings=false)"

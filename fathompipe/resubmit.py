@@ -17,9 +17,8 @@ from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
 from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
 from fathompipe.layout import RunPaths
 from fathompipe.pipeline.preflight import preflight
-from fathompipe.pipeline.state import RunStateError
+from fathompipe.pipeline.state import RunStateError, load_run
 from fathompipe.pipeline.graph import STAGES, Stage, downstream, stage_by_name
-from fathompipe.status import load_run
 
 
 def selected_shards(spec: str, first: List[Stage], cfg: PipelineConfig, paths: RunPaths) -> Dict[str, Set[str]]:

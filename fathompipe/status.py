@@ -12,14 +12,13 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from fathompipe.cli import quiet_pipe
-from fathompipe.config import ConfigError, PipelineConfig, load_config
+from fathompipe.config import ConfigError, PipelineConfig
 from fathompipe.pipeline.submission import job_states
 from fathompipe.layout import RunPaths
-from fathompipe.pipeline.state import RunState, RunStateError
+from fathompipe.pipeline.state import RunState, RunStateError, load_run
 from fathompipe.pipeline.scheduler import ACTIVE, job_sort_key, last_error_line, log_paths
 from fathompipe.pipeline.graph import STAGES
 
@@ -50,15 +49,6 @@ class StageStatus:
     items: Dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     failures: List[Failure] = field(default_factory=list)
-
-
-def load_run(run_dir: str | Path) -> tuple[RunPaths, PipelineConfig, RunState]:
-    paths = RunPaths.of(run_dir)
-    state = RunState.load(paths)
-    if state is None:
-        raise RunStateError(f"{paths.root} has no run.json: nothing was submitted there "
-                            f"(python -m fathompipe.submit --run-dir {paths.root} ...)")
-    return paths, load_config(paths.config), state
 
 
 def collect(paths: RunPaths, cfg: PipelineConfig, state: RunState) -> List[StageStatus]:

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PARITY
-from fathompipe.checkpoint import CheckpointError, export_slim, load_lightning_checkpoint, load_model
+from fathompipe.model.slim import CheckpointError
+from fathompipe.model.weights import export_slim, load_lightning_checkpoint, load_model
 from fathompipe.layout import SlimFiles
 from fathompipe.model.slim import slim_is_current
 from fathompipe.model.winner import CheckpointMismatch

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import PARITY, ROOT
-from fathompipe.checkpoint import load_model
+from fathompipe.model.weights import load_model
 from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run, slim_files

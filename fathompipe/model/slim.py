@@ -35,13 +35,25 @@ def load_encoder_overrides(path: Optional[str | Path]) -> Dict[str, Any]:
     return {k: data[k] for k in keep if k in data}
 
 
+def write_meta(slim: SlimFiles, meta: Dict[str, Any]) -> None:
+    """Written last by the export: its presence means the weights beside it are complete."""
+    from fathompipe import atomic
+    atomic.write_json(slim.meta, meta)
+
+
+def read_meta(slim: SlimFiles) -> Dict[str, Any]:
+    """The export's metadata: `spec` (the architecture's ModelSpec fields, class names included), `source`
+    (the checkpoint's size and mtime), `encoder_config`, and counts."""
+    return json.loads(slim.meta.read_text())
+
+
 def slim_is_current(checkpoint: Path, encoder_config: Optional[str | Path] = None) -> bool:
     """True when the slim files exist and were exported from this very file with these settings."""
     slim = SlimFiles.beside(checkpoint)
     if not (checkpoint.exists() and slim.meta.exists() and slim.weights.exists()):
         return False
     try:
-        meta = json.loads(slim.meta.read_text())
+        meta = read_meta(slim)
     except ValueError:
         return False
     return meta.get("source") == fingerprint(checkpoint) and \

@@ -9,10 +9,8 @@ the checkpoint has but inference never uses (hierarchical heads, object projecti
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
@@ -59,13 +57,6 @@ class ModelSpec:
         config = Dinov2Config(**cfg)
         config._attn_implementation = "sdpa"
         return config
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> "ModelSpec":
-        return cls(**json.loads(path.read_text()))
 
     @classmethod
     def infer(cls, state_dict: Mapping[str, torch.Tensor], class_names: Sequence[str], crop_size: int,

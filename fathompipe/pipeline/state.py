@@ -1,12 +1,15 @@
-"""`run.json`: what was submitted for a run, so status, resubmit and cancel need no guessing."""
+"""`run.json`: what was submitted for a run, so status, resubmit and cancel need no guessing; `load_run` reads a
+run back with its configuration."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from fathompipe import atomic
+from fathompipe.config import PipelineConfig, load_config
 from fathompipe.layout import RunPaths
 
 VERSION = 1
@@ -82,3 +85,13 @@ class RunState:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RunStateError(f"{paths.run_json} is corrupt ({type(exc).__name__}: {exc}). "
                                 f"Nothing was submitted. {rebuild_hint(paths)}") from None
+
+
+def load_run(run_dir: str | Path) -> tuple[RunPaths, PipelineConfig, RunState]:
+    """A submitted run's paths, configuration and state; RunStateError when nothing was submitted there."""
+    paths = RunPaths.of(run_dir)
+    state = RunState.load(paths)
+    if state is None:
+        raise RunStateError(f"{paths.root} has no run.json: nothing was submitted there "
+                            f"(python -m fathompipe.submit --run-dir {paths.root} ...)")
+    return paths, load_config(paths.config), state
