@@ -55,7 +55,7 @@ class ModelSpec:
                    attention_probs_dropout_prob=0.0)
         cfg.update(self.encoder_overrides)
         config = Dinov2Config(**cfg)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = "sdpa"  # private (transformers 4.x): PyTorch SDPA attention, as the winner ran
         return config
 
     @classmethod
