@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import atomic
+from . import atomic, fiftyone_review
 from .annotations import AnnotationError, load_coco
 from .fiftyone_env import FiftyOneSetupError
 from .evaluate_inputs import FiftyOneTarget, SplitInputs
@@ -43,7 +43,8 @@ def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path
                                  "headline": headline(ev.metrics)}
     if fiftyone is not None:
         result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, images_dir or "",
-                                           naming, fiftyone)
+                                           naming, fiftyone, mistakenness_by_roi(ev.table),
+                                           fiftyone_review.embeddings_beside(Path(predictions)))
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(out / "evaluate.done", result)
     return result
@@ -55,8 +56,16 @@ def connect(target: FiftyOneTarget) -> str:
     return fiftyone_env.describe(fiftyone_env.configure(target.database_uri, target.deployment, target.env_file))
 
 
+def mistakenness_by_roi(table) -> Dict[int, float]:
+    if "mistakenness" not in table:
+        return {}
+    known = table[table["mistakenness"].notna()]
+    return dict(zip(known["annotation_id"].tolist(), known["mistakenness"].astype(float).tolist()))
+
+
 def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str,
-                  target: FiftyOneTarget) -> Dict[str, object]:
+                  target: FiftyOneTarget, mistakenness: Optional[Dict[int, float]] = None,
+                  embeddings: Optional[Path] = None) -> Dict[str, object]:
     from . import fiftyone_io
     where = connect(target)
     name, field = target.dataset, target.field
@@ -70,7 +79,10 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
                                    "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
-            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key))
+            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, mistakenness))
+        if embeddings is not None:
+            info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
+                                                  fiftyone_review.brain_key(eval_key)))
     except Exception as exc:
         if isinstance(exc, ConnectionError) or type(exc).__name__ in (  # FiftyOne raises ConnectionError
                 "ServerSelectionTimeoutError", "ConnectionFailure", "ServiceListenTimeout", "AutoReconnect",
@@ -81,10 +93,13 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
         raise
     print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']} samples): {info['imported']} "
           f"predictions in field '{field}' ({info['write_path']})"
-          + (f", evaluation '{eval_key}', saved view '{info['saved_view']}'" if labelled else "")
+          + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "
+             f"confident first) and '{info['mistakenness_view']}'" if labelled else "")
+          + (f", embeddings visualization '{info['brain_key']}' ({info['visualization']}, {info['embedded_rois']} ROIs)"
+             if info.get("brain_key") else "")
           + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
              if imported.unmatched else "")
-          + f"\n{fiftyone_io.app_instructions(name)}", flush=True)
+          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'))}", flush=True)
     return info
 
 
