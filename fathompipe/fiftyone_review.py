@@ -59,7 +59,8 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: int = 51) -> Dict
     ids, emb = load_embeddings(embeddings_path)
     present = set(view.values("ground_truth.detections.annotation_id", unwind=True)) & set(ids.tolist())
     roi_view = view.filter_labels("ground_truth", F("annotation_id").is_in(sorted(present)))
-    order = np.asarray(roi_view.values("ground_truth.detections.annotation_id", unwind=True), np.int64)
+    per_sample = roi_view.values("ground_truth.detections.annotation_id")  # samples without any are filtered out
+    order = np.asarray([aid for aids in per_sample for aid in aids], np.int64)
     vectors = emb[np.searchsorted(ids, order)].astype(np.float32)
     method = "umap" if len(vectors) >= UMAP_MIN_POINTS and umap_available() else "pca"
     if method == "umap" and vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
@@ -69,7 +70,9 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: int = 51) -> Dict
         ds.delete_brain_run(key)
     if len(vectors) < 2:
         return {"brain_key": None, "embedded_rois": int(len(vectors)), "visualization": "none (fewer than 2 ROIs)"}
-    fob.compute_visualization(roi_view, patches_field="ground_truth", embeddings=vectors, method=method,
+    # with patches_field, FiftyOne Brain takes one (patches, dims) array per sample
+    by_sample = dict(zip(roi_view.values("id"), np.split(vectors, np.cumsum([len(a) for a in per_sample])[:-1])))
+    fob.compute_visualization(roi_view, patches_field="ground_truth", embeddings=by_sample, method=method,
                               num_dims=2, brain_key=key, seed=seed, verbose=False, progress=False)
     return {"brain_key": key, "embedded_rois": int(len(vectors)), "visualization": method}
 
