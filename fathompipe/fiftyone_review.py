@@ -49,7 +49,7 @@ def brain_key(eval_key: str) -> str:
 def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = None) -> Dict[str, object]:
     """A 2-D visualization of the ground-truth patches that have an embedding, under brain run `key`
     (replaced if present; other brain runs kept). UMAP when umap-learn is installed and there are enough
-    points, else PCA. No seed by default: umap-learn runs on one thread when seeded (3x slower at train size)."""
+    points, else PCA. No seed by default: umap-learn runs on one thread when seeded."""
     import fiftyone.brain as fob
     import numpy as np
     from fiftyone import ViewField as F
