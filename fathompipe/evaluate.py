@@ -4,7 +4,7 @@
         [--split test] [--dataset NAME] [--field model_predictions] [--images-dir D] [--no-fiftyone]
         [--database-uri mongodb://...] [--deployment NAME] [--env-file .env]
 
-The report (metrics.json, per_class.csv, confusions.csv, PNG plots, report.html) is written first,
+The report (metrics.json, per_class.csv, confusions.csv, rois.csv, report.html) is written first,
 then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs
 every selected split in turn in one job (`run_splits`); a rerun skips splits already done, and a
 re-import updates the split's predictions in place (review tags and attributes kept).
