@@ -1,20 +1,29 @@
-"""Evaluate benchmark: importing 23,699 predictions into an 8,980-sample FiftyOne dataset.
+"""Evaluate benchmark: the whole evaluate stage on a train-sized split (8,980 samples, 23,699 ROIs), main's
+original stage beside today's, part by part, in one run on one private mongod; then (`--imports`) the
+prediction import paths.
 
-    python bench/evaluate.py
+    python bench/evaluate.py              # the stage, original vs new
+    python bench/evaluate.py --imports    # also: import paths against FiftyOne's bulk API and the per-sample loop
 
-fathompipe's import through both of its paths (the raw bulk write used on open-source FiftyOne with a
-direct MongoDB connection, and the public-API path `values` + `set_values` used through FiftyOne
-Enterprise's API), first import and in-place re-import, against FiftyOne's own bulk `set_values`
-written by hand and the per-sample `sample.save()` loop users run today, on a private mongod; then
-the whole evaluate stage (report and FiftyOne import and evaluation). Data: the real train split's ids and labels
-(shared/data/fathomnet2025/train_annotation_labels.csv) with synthetic boxes and predictions.
+The original is the stage as issue 13 found it (commit ORIGINAL, `git archive ORIGINAL fathompipe`, imported as the
+package `fathompipe_main`),
+run through the same steps as its `evaluate.run`: scoring and report, ingest, import, `evaluate_detections`,
+the saved view. The new stage adds mistakenness, review views and the embeddings visualization (1,024-d
+embeddings beside the predictions, as the infer stage writes them) and stores the evaluation from the known
+ROI pairs (fathompipe/evaluation/fiftyone_eval.py). Data: the real train split's ids and labels
+(shared/data/fathomnet2025/train_annotation_labels.csv) with synthetic boxes, predictions and embeddings.
 """
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +31,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
-DATA = SHARED / "data" / "fathomnet2025"
+ORIGINAL = "0a3c781"  # main before issue 13: the evaluate stage whose time the issue measured
+DATA = ROOT / "fathompipe" / "data"  # the shipped reference data: test split, train labels
 
 
 def main() -> None:
@@ -33,17 +42,19 @@ def main() -> None:
     os.environ["FIFTYONE_DATABASE_NAME"] = "fathompipe-bench"
     os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
     try:
-        run(Path(tempfile.mkdtemp()))
+        work = Path(tempfile.mkdtemp())
+        ann, coco, preds = inputs(work)
+        compare_stages(work, ann, coco)
+        if "--imports" in sys.argv:
+            run(work, ann, coco, preds)
     finally:
         mongod.stop()
 
 
-def run(work: Path) -> None:
-    import fiftyone as fo
-    from fathompipe.evaluation import fiftyone_io
+def inputs(work: Path):
+    """The train-like annotations, predictions.parquet and predictions.embeddings.npz beside it."""
     from fathompipe.annotations import load_coco
-    from fathompipe.evaluate import run as evaluate_stage
-    from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
+    from fathompipe.layout import OutputFiles
     from support.synthetic import train_like_coco
 
     ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", work / "train.json")
@@ -55,6 +66,127 @@ def run(work: Path) -> None:
                                            names[rng.integers(79)] for a in coco.annotations],
                           "confidence": rng.uniform(0.05, 1, len(coco.annotations))})
     preds.to_parquet(work / "predictions.parquet")
+    centres = rng.normal(0, 1, (79, 1024)).astype(np.float32)
+    index = {n: i for i, n in enumerate(names)}
+    embeddings = centres[[index[n] for n in preds["concept_name"]]] + rng.normal(0, 0.5, (len(preds), 1024))
+    np.savez(OutputFiles(work / "predictions.csv").embeddings, annotation_id=preds["annotation_id"].to_numpy(),
+             embeddings=embeddings.astype(np.float32))
+    return ann, coco, preds
+
+
+def main_package(work: Path) -> str:
+    """The ORIGINAL commit's fathompipe as the package `fathompipe_main` (its relative imports stay inside it)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ORIGINAL, "fathompipe"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(work / "main_src", filter="data")
+    (work / "main_src" / "fathompipe").rename(work / "main_src" / "fathompipe_main")
+    sys.path.insert(0, str(work / "main_src"))
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ORIGINAL], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@contextmanager
+def part(times: Dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def original_stage(work: Path, ann: Path) -> Dict[str, float]:
+    """The original evaluate.run and fiftyone_io.evaluate_in_app, step by step (the same calls, timed)."""
+    from fiftyone import ViewField as F
+    from fathompipe_main import fiftyone_io as old_io
+    from fathompipe_main.annotations import load_coco
+    from fathompipe_main.report import evaluate as score
+    from fathompipe_main.report import load_predictions, write_report
+
+    t: Dict[str, float] = {}
+    with part(t, "scoring (report tables; new: + mistakenness)"):
+        dataset, preds = load_coco(ann), load_predictions(work / "predictions.parquet")
+        ev = score(dataset, preds)
+    with part(t, "report files (report.html, plots, CSVs)"):
+        write_report(ev, dataset, work / "report-original", "train", None, "file_name", {})
+    with part(t, "FiftyOne ingest (add_samples)"):
+        ds = old_io.ingest("bench-original", dataset, "/data/train", "train", "file_name")
+    with part(t, "FiftyOne import of the predictions"):
+        old_io.import_predictions(ds, preds, "model_predictions", bool(ev.metrics["labelled"]))
+    view = ds.match_tags("train")  # main's evaluate_in_app, its statements timed one by one
+    with part(t, "App evaluation (per-label fields, stored results)"):
+        view.evaluate_detections("model_predictions", gt_field="ground_truth", eval_key="eval_model_train",
+                                 classwise=False, iou=0.5, progress=False)
+    with part(t, "saved views"):
+        disagreements = (view.filter_labels("model_predictions", F("eval_model_train") == "fp")
+                         .to_patches("model_predictions").sort_by("model_predictions.confidence", reverse=True))
+        ds.save_view("eval_model_train-disagreements", disagreements, overwrite=True)
+    return t
+
+
+def new_stage(work: Path, ann: Path) -> Dict[str, float]:
+    """Today's evaluate.run and load_fiftyone, step by step (the same calls, timed)."""
+    from fathompipe.evaluation import fiftyone_eval, fiftyone_io, fiftyone_review
+    from fathompipe.annotations import load_coco
+    from fathompipe.evaluate import mistakenness_by_roi
+    from fathompipe.evaluation.report import evaluate as score
+    from fathompipe.evaluation.report import load_predictions, write_report
+
+    t: Dict[str, float] = {}
+    with part(t, "scoring (report tables; new: + mistakenness)"):
+        dataset, preds = load_coco(ann), load_predictions(work / "predictions.parquet")
+        ev = score(dataset, preds)
+    with part(t, "report files (report.html, plots, CSVs)"):
+        write_report(ev, dataset, work / "report-new", "train", None, "file_name", {})
+    with part(t, "FiftyOne ingest (add_samples)"):
+        ds = fiftyone_io.ingest("bench-new", dataset, "/data/train", "train", "file_name")
+    with part(t, "FiftyOne import of the predictions"):
+        fiftyone_io.import_predictions(ds, "train", dataset, preds, "model_predictions", True)
+    view = fiftyone_io.split_view(ds, "train")
+    with part(t, "App evaluation (per-label fields, stored results)"):
+        fiftyone_eval.evaluate(ds, view, "model_predictions", "eval_model_train", mistakenness_by_roi(ev.table),
+                               fiftyone_io.raw_writes_allowed())
+    with part(t, "saved views"):
+        fiftyone_review.save_views(ds, view, "model_predictions", "eval_model_train")
+    with part(t, "embeddings visualization (Brain run)"):
+        info = fiftyone_review.visualize(ds, view, fiftyone_review.embeddings_beside(work / "predictions.parquet"),
+                                         "eval_model_train_embeddings")
+    assert info["embedded_rois"] == ds.count("ground_truth.detections"), info
+    check_stored_evaluation(ds, "eval_model_train")
+    return t
+
+
+def check_stored_evaluation(ds, eval_key: str) -> None:
+    """The App's stored evaluation: a report and a true confusion matrix equal to sklearn's on the pairs."""
+    from sklearn.metrics import confusion_matrix
+    results = ds.load_evaluation_results(eval_key)
+    labels = sorted(set(results.ytrue) | set(results.ypred))
+    assert np.array_equal(results.confusion_matrix(classes=labels),
+                          confusion_matrix(list(results.ytrue), list(results.ypred), labels=labels))
+    assert len(results.report()) > 79
+
+
+def compare_stages(work: Path, ann: Path, coco) -> None:
+    commit = main_package(work)
+    original, new = original_stage(work, ann), new_stage(work, ann)
+    n = len(coco.annotations)
+    print(f"\n## bench/evaluate.py: the evaluate stage, original ({commit}) vs this tree: {len(coco.images)} samples, "
+          f"{n} ROIs, {os.cpu_count()} cores\n")
+    print("| part | original (s) | new (s) |\n|---|---|---|")
+    rows: List[Tuple[str, float, float]] = [(k, original.get(k, 0.0), new.get(k, 0.0))
+                                             for k in dict.fromkeys([*original, *new])]
+    for name, a, b in rows:
+        print(f"| {name} | {a:.1f} | {b:.1f} |" if a else f"| {name} | (none) | {b:.1f} |")
+    total_a, total_b = sum(original.values()), sum(new.values())
+    print(f"| **whole stage** | **{total_a:.1f}** | **{total_b:.1f}** |")
+    print(f"\nnew stage {total_a / total_b:.1f}x faster than the original, with mistakenness, two review views and "
+          f"the embeddings visualization added; stored evaluation checked against sklearn")
+
+
+def run(work: Path, ann: Path, coco, preds: pd.DataFrame) -> None:
+    import fiftyone as fo
+    from fathompipe.evaluate import run as evaluate_stage
+    from fathompipe.evaluation import fiftyone_io
+    from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
+
     indexed = preds.set_index("annotation_id")
     rows = []
 
@@ -104,7 +236,7 @@ def run(work: Path) -> None:
     t0 = time.perf_counter()
     evaluate_stage(ann, work / "predictions.parquet", work / "report", split="train",
                    fiftyone=FiftyOneTarget("bench-stage"))
-    rows.append(("whole evaluate stage (report + ingest + import + evaluate_detections + saved view)",
+    rows.append(("whole evaluate stage (report, ingest, import, evaluation, views, embeddings visualization)",
                  time.perf_counter() - t0))
 
     print(f"\n## bench/evaluate.py: {len(coco.images)} samples, {n} predictions, {os.cpu_count()} cores\n")

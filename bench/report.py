@@ -19,8 +19,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("FATHOMPIPE_SHARED", ROOT.parent / "shared"))
-DATA = SHARED / "data" / "fathomnet2025"
+DATA = ROOT / "fathompipe" / "data"  # the shipped reference data: test split, train labels
 
 
 def make_inputs(work: Path):

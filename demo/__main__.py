@@ -62,9 +62,10 @@ def main(argv: List[str] | None = None) -> int:
     print(f"predictions: {paths.predictions('train').csv} (and .parquet)")
     if fo:
         print(f"FiftyOne:    dataset '{fo['dataset']}', field '{fo['field']}', evaluation '{fo.get('eval_key')}', "
-              f"saved view '{fo.get('saved_view')}'")
+              f"saved views '{fo.get('saved_view')}' and '{fo.get('mistakenness_view')}', embeddings "
+              f"'{fo.get('brain_key')}'")
         from fathompipe.evaluation.fiftyone_io import app_instructions
-        print(f"             {app_instructions(fo['dataset'])}")
+        print(f"             {app_instructions(fo['dataset'], fo.get('saved_view'))}")
     print("(synthetic images and a tiny stand-in model: the numbers show the pipeline runs, not the winner's quality)")
     return 0
 

@@ -4,7 +4,7 @@
         [--split test] [--dataset NAME] [--field model_predictions] [--images-dir D] [--no-fiftyone]
         [--database-uri mongodb://...] [--deployment NAME] [--env-file .env]
 
-The report (metrics.json, per_class.csv, confusions.csv, PNG plots, report.html) is written first,
+The report (metrics.json, per_class.csv, confusions.csv, rois.csv, report.html) is written first,
 then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs
 every selected split in turn in one job (`run_splits`); a rerun skips splits already done, and a
 re-import updates the split's predictions in place (review tags and attributes kept).
@@ -19,12 +19,13 @@ from typing import Dict, List, Optional, Sequence
 
 from fathompipe import atomic
 from fathompipe.annotations import AnnotationError, load_coco
-from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
+from fathompipe.evaluation import fiftyone_review
 from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
-from fathompipe.layout import evaluate_marker
 from fathompipe.evaluation.report import evaluate as score
 from fathompipe.evaluation.report import headline, load_predictions, write_report
+from fathompipe.layout import evaluate_marker
 
 
 def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path, split: str = "test",
@@ -44,7 +45,8 @@ def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path
                                  "headline": headline(ev.metrics)}
     if fiftyone is not None:
         result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, images_dir or "",
-                                           naming, fiftyone)
+                                           naming, fiftyone, mistakenness_by_roi(ev.table),
+                                           fiftyone_review.embeddings_beside(Path(predictions)))
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(evaluate_marker(out), result)
     return result
@@ -56,8 +58,16 @@ def connect(target: FiftyOneTarget) -> str:
     return fiftyone_env.describe(fiftyone_env.configure(target.database_uri, target.deployment, target.env_file))
 
 
+def mistakenness_by_roi(table) -> Dict[int, float]:
+    if "mistakenness" not in table:
+        return {}
+    known = table[table["mistakenness"].notna()]
+    return dict(zip(known["annotation_id"].tolist(), known["mistakenness"].astype(float).tolist()))
+
+
 def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str,
-                  target: FiftyOneTarget) -> Dict[str, object]:
+                  target: FiftyOneTarget, mistakenness: Optional[Dict[int, float]] = None,
+                  embeddings: Optional[Path] = None) -> Dict[str, object]:
     from fathompipe.evaluation import fiftyone_io
     where = connect(target)
     name, field = target.dataset, target.field
@@ -71,7 +81,10 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
                                    "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
-            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key))
+            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, mistakenness))
+        if embeddings is not None:
+            info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
+                                                  fiftyone_review.brain_key(eval_key)))
     except Exception as exc:
         if isinstance(exc, ConnectionError) or type(exc).__name__ in (  # FiftyOne raises ConnectionError
                 "ServerSelectionTimeoutError", "ConnectionFailure", "ServiceListenTimeout", "AutoReconnect",
@@ -82,10 +95,13 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
         raise
     print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']} samples): {info['imported']} "
           f"predictions in field '{field}' ({info['write_path']})"
-          + (f", evaluation '{eval_key}', saved view '{info['saved_view']}'" if labelled else "")
+          + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "
+             f"confident first) and '{info['mistakenness_view']}'" if labelled else "")
+          + (f", embeddings visualization '{info['brain_key']}' ({info['visualization']}, {info['embedded_rois']} ROIs)"
+             if info.get("brain_key") else "")
           + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
              if imported.unmatched else "")
-          + f"\n{fiftyone_io.app_instructions(name)}", flush=True)
+          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'))}", flush=True)
     return info
 
 

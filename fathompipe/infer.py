@@ -9,7 +9,7 @@ cut all its crops; the whole-image context is encoded once per image. Every fini
 atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
 where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
 are merged into OUT.csv (competition format), OUT.parquet (confidence, top-5, logits) and
-OUT.embeddings.npz (per ROI, the vector the classifier head sees; `outputs.load_embeddings`).
+OUT.embeddings.npz (per ROI, the vector the classifier head sees; fathompipe/embeddings.py).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from fathompipe import atomic
 from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
 from fathompipe.cli import add_options, from_args
+from fathompipe.embeddings import write_embeddings
 from fathompipe.model.slim import CheckpointError, read_meta
 from fathompipe.model.weights import export_slim, load_model
 from fathompipe.jobs import InferJob
@@ -314,40 +315,13 @@ def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], nu
         })
         with atomic.atomic_path(out.parquet) as tmp:
             pq.write_table(table, tmp)
-        n_embedded = _write_embeddings(out.embeddings, emb_ids, embeddings)
+        n_embedded = write_embeddings(out.embeddings, emb_ids, embeddings)
         skipped.sort()
         atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
                           "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
         csv = "annotation_id,concept_name\n" + "".join(f"{a},{_csv_field(n)}\n" for a, n in zip(ann_id.tolist(), pred))
         atomic.write_text(out.csv, csv)
         return {"predicted": len(ann_id), "skipped": len(skipped), "embedded": n_embedded}
-
-
-def _write_embeddings(path: Path, ids: List[np.ndarray], embeddings: List[np.ndarray]) -> int:
-    """OUT.embeddings.npz: `annotation_id` (ascending) and `embeddings` (N, D) float32, row i for id i."""
-    if not ids:
-        path.unlink(missing_ok=True)  # none asked for (infer.embeddings=false): no stale file from an earlier run
-        return 0
-    ann_id = np.concatenate(ids)
-    order = np.argsort(ann_id, kind="stable")
-    buf = io.BytesIO()
-    np.savez(buf, annotation_id=ann_id[order], embeddings=np.concatenate(embeddings)[order])
-    atomic.write_bytes(path, buf.getvalue())
-    return len(ann_id)
-
-
-def load_embeddings(path: str | Path) -> Tuple["np.ndarray", "np.ndarray"]:
-    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32) from OUT.embeddings.npz."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"embeddings {path} do not exist (the infer stage writes them beside its predictions)")
-    with np.load(path) as z:
-        if not {"annotation_id", "embeddings"} <= set(z.files):
-            raise ValueError(f"{path}: expected arrays annotation_id and embeddings, found {sorted(z.files)}")
-        ids, emb = z["annotation_id"], z["embeddings"]
-    if emb.ndim != 2 or len(ids) != len(emb):
-        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match {len(ids)} annotation ids")
-    return ids, emb
 
 
 def _csv_field(value: str) -> str:

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict
 
 from conftest import PARITY, ROOT
 from support.fakeserver import Faults
+from support.mongod import PrivateMongod
 from pipeline_helpers import all_done, settled, wait_status, write_profile
 
 PLANTED_KEY = "planted-fo-key-7f3a91c2e4"
@@ -50,8 +52,6 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
     tasks would start two mongods on that directory; the stage is one task evaluating both splits in turn."""
     from pymongo import MongoClient
 
-    from support.mongod import PrivateMongod
-
     profile = two_split_profile(tmp_path, fake_fathomnet, parity_copy)
     db_dir = tmp_path / "fiftyone-db"
     env = {k: v for k, v in os.environ.items() if k not in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_NAME")}
@@ -68,7 +68,7 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
     log = "".join(p.read_text() for p in (run_dir / "logs" / "evaluate").glob("*_log.out"))
     assert "FiftyOne's bundled database" in log and "ServiceListenTimeout" not in log
 
-    mongod = PrivateMongod(dbpath=db_dir)  # the directory the jobs' bundled service wrote, opened afterwards
+    mongod = open_when_released(db_dir)  # the directory the jobs' bundled service wrote, opened afterwards
     try:
         db = MongoClient(mongod.uri)["fiftyone"]
         collection = db[db.datasets.find_one({"name": "fathomnet-2025"})["sample_collection_name"]]
@@ -82,6 +82,19 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
         assert set(db.datasets.find_one({"name": "fathomnet-2025"})["evaluations"]) == {"eval_model_train"}
     finally:
         mongod.stop()
+
+
+def open_when_released(db_dir: Path, timeout: float = 180) -> PrivateMongod:
+    """A mongod on `db_dir` once the job's own bundled mongod has let it go: FiftyOne's service stops
+    its mongod a little after the last client process exits, so the directory can still be locked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return PrivateMongod(dbpath=db_dir)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def test_deployment_key_never_leaves_the_job(slurm, tmp_path, fake_fathomnet, parity_copy):

@@ -21,7 +21,7 @@ from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run, slim_files
 from fathompipe.layout import OutputFiles
-from fathompipe.infer import load_embeddings
+from fathompipe.embeddings import load_embeddings
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
 EXPECTED_LOGITS = np.load(PARITY / ("expected_logits_pillow13.npy" if PILLOW13 else "expected_logits.npy"))

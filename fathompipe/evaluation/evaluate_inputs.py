@@ -1,7 +1,7 @@
 """What the evaluate stage is given: plain, picklable, light to import (status reads them).
 
 No API key is ever held here: a FiftyOne Enterprise deployment is a name, and its URI and key are
-read inside the job (fathompipe/fiftyone_env.py). A database password belongs in FIFTYONE_DATABASE_URI
+read inside the job (fathompipe/evaluation/fiftyone_env.py). A database password belongs in FIFTYONE_DATABASE_URI
 in the environment or .env, not in `database_uri`, which travels in the job's pickle.
 """
 from __future__ import annotations

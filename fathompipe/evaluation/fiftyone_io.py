@@ -246,29 +246,32 @@ def _write_raw(ds, view, truth: SplitTruth, coco: CocoDataset, predictions: pd.D
     return written, unmatched
 
 
-def evaluate_in_app(ds, field: str, split: str, eval_key: str) -> Dict[str, str]:
+def evaluate_in_app(ds, field: str, split: str, eval_key: str, mistakenness: Optional[Dict[int, float]] = None,
+                    raw: Optional[bool] = None) -> Dict[str, str]:
     """Store the split's evaluation (per-class results, a true confusion matrix; recomputed on every
-    import, so never stale) and save its disagreements, most confident first, as a view. Other
-    evaluations and saved views are left alone."""
-    from fiftyone import ViewField as F
+    import, so never stale) and save the review views (fiftyone_review). Other evaluations and saved
+    views are left alone. `mistakenness`: annotation_id -> score (scoring.py's)."""
+    from fathompipe.evaluation import fiftyone_eval, fiftyone_review
 
     view = split_view(ds, split)
-    if eval_key in ds.list_evaluations():
-        ds.delete_evaluation(eval_key)
-    # classwise=False matches each prediction to its own ground-truth box (same box: IoU 1) whatever
-    # the label, so a wrong label is a confusion in the matrix, not an unmatched box
-    view.evaluate_detections(field, gt_field="ground_truth", eval_key=eval_key, classwise=False, iou=0.5,
-                             progress=False)
-    disagreements = (view.filter_labels(field, F(eval_key) == "fp")
-                     .to_patches(field).sort_by(f"{field}.confidence", reverse=True))
-    view_name = f"{eval_key}-disagreements"
-    ds.save_view(view_name, disagreements, overwrite=True)
-    return {"eval_key": eval_key, "saved_view": view_name}
+    raw = raw_writes_allowed() if raw is None else raw
+    fiftyone_eval.evaluate(ds, view, field, eval_key, mistakenness or {}, raw)
+    return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key)}
 
 
-def app_instructions(name: str) -> str:
-    return (f"open it: python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{name}'), "
-            f"remote=True, port=5151).wait()\"  (from a laptop: ssh -L 5151:localhost:5151 <node>)")
+APP_PORT = 5151
+
+
+def app_command(name: str, view: Optional[str] = None) -> str:
+    """Opens the App on this node's loopback only (the open-source App has no login): reach it through a tunnel."""
+    target = f"fo.load_dataset('{name}')" + (f".load_saved_view('{view}')" if view else "")
+    return (f"python -c \"import fiftyone as fo; fo.launch_app({target}, remote=True, address='127.0.0.1', "
+            f"port={APP_PORT}).wait()\"")
+
+
+def app_instructions(name: str, view: Optional[str] = None) -> str:
+    return (f"open it: {app_command(name, view)}  (from a laptop: ssh -L {APP_PORT}:127.0.0.1:{APP_PORT} <node>, "
+            f"then http://127.0.0.1:{APP_PORT})")
 
 
 def summary(ds, field: str, split: str) -> Dict[str, object]:

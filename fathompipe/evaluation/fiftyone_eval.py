@@ -1,0 +1,160 @@
+"""The App's stored evaluation of a split, without FiftyOne's box matching.
+
+`evaluate_detections` matches every prediction to a ground-truth box by IoU, loading and saving each
+sample (about three quarters of the stage's time at train size). Here the match is already known:
+each prediction sits on the ground-truth box with its `annotation_id`. So the same per-label fields
+(`<eval_key>` tp/fp/fn, `<eval_key>_id`, `<eval_key>_iou`), per-sample counts and stored results
+(classwise=False semantics: a wrong label is `fp` on the prediction, `fn` on the ground truth and one
+confusion in the matrix) are written in bulk and registered through FiftyOne's evaluation-method API,
+so `load_evaluation_results`, `to_evaluation_patches` and the App's Model Evaluation panel work as
+after `evaluate_detections`. The review attributes (predicted label, confidence, mistakenness) are
+written on the ground-truth detections in the same bulk write.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+REVIEW_ATTRIBUTES = ("predicted_label", "predicted_confidence", "mistakenness")  # on ground truth, for review
+
+
+@dataclass
+class SplitLabels:
+    """Per sample of the split view, the ground-truth and prediction detections as plain values."""
+
+    gt_ids: List[List[str]]
+    gt_labels: List[List[Optional[str]]]
+    gt_annotations: List[List[Optional[int]]]
+    pred_ids: List[List[str]]
+    pred_labels: List[List[Optional[str]]]
+    pred_confidences: List[List[Optional[float]]]
+    pred_annotations: List[List[Optional[int]]]
+
+
+def read_labels(view, field: str) -> SplitLabels:
+    def per_sample(path: str) -> list:
+        return [v or [] for v in view.values(path)]
+    return SplitLabels(*[per_sample(f"ground_truth.detections.{a}") for a in ("id", "label", "annotation_id")],
+                       *[per_sample(f"{field}.detections.{a}") for a in ("id", "label", "confidence", "annotation_id")])
+
+
+@dataclass
+class Attributes:
+    """What is written: per sample, per detection (in stored order) the attribute values."""
+
+    gt: List[List[Dict[str, Any]]]
+    pred: List[List[Dict[str, Any]]]
+    counts: Dict[str, List[int]]  # <eval_key>_tp/_fp/_fn per sample
+    matches: List[Tuple]  # FiftyOne's (gt_label, pred_label, iou, confidence, gt_id, pred_id)
+
+
+def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float]) -> Attributes:
+    """The fields `evaluate_detections(classwise=False)` writes when each prediction lies on its own box."""
+    id_key, iou_key = f"{eval_key}_id", f"{eval_key}_iou"
+    gt_out, pred_out, matches = [], [], []
+    counts: Dict[str, List[int]] = {f"{eval_key}_{k}": [] for k in ("tp", "fp", "fn")}
+    for g_ids, g_labels, g_aids, p_ids, p_labels, p_confs, p_aids in zip(
+            labels.gt_ids, labels.gt_labels, labels.gt_annotations, labels.pred_ids, labels.pred_labels,
+            labels.pred_confidences, labels.pred_annotations):
+        pred_of = {aid: i for i, aid in enumerate(p_aids) if aid is not None}
+        gt_of = {aid: i for i, aid in enumerate(g_aids) if aid is not None}
+        tp = fp = fn = 0
+        gts = []
+        for gid, glabel, aid in zip(g_ids, g_labels, g_aids):
+            j = pred_of.get(aid) if aid is not None else None
+            if j is None:
+                gts.append({eval_key: "fn", id_key: "", iou_key: None, "predicted_label": None,
+                            "predicted_confidence": None, "mistakenness": None})
+                matches.append((glabel, None, None, None, gid, None))
+                fn += 1
+                continue
+            right = glabel == p_labels[j]
+            gts.append({eval_key: "tp" if right else "fn", id_key: p_ids[j], iou_key: 1.0,
+                        "predicted_label": p_labels[j], "predicted_confidence": p_confs[j],
+                        "mistakenness": mistakenness.get(aid)})
+            matches.append((glabel, p_labels[j], 1.0, p_confs[j], gid, p_ids[j]))
+            tp, fp, fn = (tp + 1, fp, fn) if right else (tp, fp + 1, fn + 1)
+        preds = []
+        for pid, plabel, conf, aid in zip(p_ids, p_labels, p_confs, p_aids):
+            i = gt_of.get(aid) if aid is not None else None
+            if i is None:  # added by hand, on no annotation: unmatched, as FiftyOne counts a box without truth
+                preds.append({eval_key: "fp", id_key: "", iou_key: None})
+                matches.append((None, plabel, None, conf, None, pid))
+                fp += 1
+            else:
+                preds.append({eval_key: "tp" if g_labels[i] == plabel else "fp", id_key: g_ids[i], iou_key: 1.0,
+                              "mistakenness": mistakenness.get(aid)})
+        gt_out.append(gts)
+        pred_out.append(preds)
+        for key, n in zip(counts, (tp, fp, fn)):
+            counts[key].append(n)
+    return Attributes(gt_out, pred_out, counts, matches)
+
+
+def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float], raw: bool):
+    """Register `eval_key` on `view` (replacing a previous run) and write its fields; returns the results."""
+    import fiftyone as fo
+    from fiftyone.utils.eval.coco import COCOEvaluationConfig
+
+    if eval_key in ds.list_evaluations():
+        ds.delete_evaluation(eval_key)
+    config = COCOEvaluationConfig(field, "ground_truth", iou=0.5, classwise=False)  # what the matching means
+    method = config.build()
+    method.register_run(view, eval_key)
+    method.register_samples(view, eval_key)
+    for attr, ftype in (("predicted_label", fo.StringField), ("predicted_confidence", fo.FloatField),
+                        ("mistakenness", fo.FloatField)):
+        if not ds.has_sample_field(f"ground_truth.detections.{attr}"):
+            ds.add_sample_field(f"ground_truth.detections.{attr}", ftype)
+    if not ds.has_sample_field(f"{field}.detections.mistakenness"):
+        ds.add_sample_field(f"{field}.detections.mistakenness", fo.FloatField)
+    attrs = attributes(read_labels(view, field), eval_key, mistakenness)
+    if raw:
+        _write_raw(ds, view, field, attrs)
+    else:
+        _write_public(view, field, attrs)
+    ds.reload()
+    results = method.generate_results(view, attrs.matches, eval_key=eval_key)
+    method.save_run_results(view, eval_key, results)
+    method.add_fields_to_sidebar_group(view, eval_key, omit_fields=(field, "ground_truth"))
+    return results
+
+
+def _write_public(view, field: str, attrs: Attributes) -> None:
+    """One `set_values` per attribute (works through an Enterprise API connection)."""
+    for path, per_sample in (("ground_truth", attrs.gt), (field, attrs.pred)):
+        names = sorted({k for sample in per_sample for d in sample for k in d})
+        for name in names:
+            view.set_values(f"{path}.detections.{name}", [[d.get(name) for d in sample] for sample in per_sample])
+    for name, values in attrs.counts.items():
+        view.set_values(name, values)
+
+
+def _write_raw(ds, view, field: str, attrs: Attributes) -> None:
+    """The same values in one unordered pymongo bulk write (open-source FiftyOne, direct MongoDB)."""
+    from datetime import datetime, timezone
+
+    from bson import ObjectId
+    from pymongo import UpdateOne
+
+    ids = [ObjectId(s) for s in view.values("id")]
+    # private API (fiftyone 1.22.1): the dataset's sample collection, as fiftyone_io._write_raw uses it;
+    # tests compare this path's documents with the public one's
+    collection = ds._sample_collection
+    stored = {d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, {"ground_truth": 1, field: 1})}
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    ops = []
+    for k, sid in enumerate(ids):
+        doc = stored[sid]
+        update: Dict[str, Any] = {name: values[k] for name, values in attrs.counts.items()}
+        for path, per_sample in (("ground_truth", attrs.gt), (field, attrs.pred)):
+            container = doc.get(path)
+            if not container:
+                continue
+            for det, values in zip(container.get("detections") or [], per_sample[k]):
+                det.update(values)
+            update[path] = container
+        update["last_modified_at"] = now
+        ops.append(UpdateOne({"_id": sid}, {"$set": update}))
+    if ops:
+        collection.bulk_write(ops, ordered=False)

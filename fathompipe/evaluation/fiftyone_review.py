@@ -1,0 +1,92 @@
+"""What a reviewer opens in the App: saved views with truth beside prediction, and the winner's embeddings.
+
+The saved views are ground-truth patches (one per ROI, the true label on the box) that also carry the
+ROI's prediction: the prediction box itself (the `<field>` detection on the same annotation) and, on
+the ground-truth detection, `predicted_label`, `predicted_confidence` and `mistakenness` (written by
+fiftyone_eval). Tags set on these patches in the App (`label_error`, `reviewed`) are saved on the
+dataset's ground-truth labels, which no rerun rewrites. The embeddings are the infer stage's per-ROI
+feature vectors (what the classifier head sees), shown in the App's Embeddings panel as a 2-D Brain
+visualization of the ground-truth patches, recomputed on every run under the same brain key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+UMAP_MIN_POINTS = 30  # below this UMAP's default 15 neighbours describe little: PCA instead
+PCA_DIMS_BEFORE_UMAP = 50  # UMAP's neighbour search grows with the dimension; 50 components keep neighbourhoods
+
+
+def view_names(eval_key: str) -> Dict[str, str]:
+    return {"saved_view": f"{eval_key}-disagreements", "mistakenness_view": f"{eval_key}-mistakenness"}
+
+
+def review_patches(view, field: str, eval_key: str, disagreements_only: bool):
+    """Ground-truth patches of the ROIs with a prediction, each carrying its own prediction box."""
+    from fiftyone import ViewField as F
+
+    has_prediction = F(f"{eval_key}_id") != ""
+    wanted = (F(eval_key) == "fn") & has_prediction if disagreements_only else has_prediction
+    patches = view.filter_labels("ground_truth", wanted).to_patches("ground_truth", other_fields=[field])
+    # "$ground_truth" is the patch's own ground-truth detection: keep only the prediction matched to it
+    return patches.filter_labels(field, F("_id").to_string() == F(f"$ground_truth.{eval_key}_id"), only_matches=False)
+
+
+def save_views(ds, view, field: str, eval_key: str) -> Dict[str, str]:
+    """The disagreements, most confident first, and every predicted ROI by mistakenness, most likely wrong first."""
+    names = view_names(eval_key)
+    ds.save_view(names["saved_view"], review_patches(view, field, eval_key, True)
+                 .sort_by("ground_truth.predicted_confidence", reverse=True), overwrite=True)
+    ds.save_view(names["mistakenness_view"], review_patches(view, field, eval_key, False)
+                 .sort_by("ground_truth.mistakenness", reverse=True), overwrite=True)
+    return names
+
+
+def brain_key(eval_key: str) -> str:
+    return f"{eval_key}_embeddings"
+
+
+def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = None) -> Dict[str, object]:
+    """A 2-D visualization of the ground-truth patches that have an embedding, under brain run `key`
+    (replaced if present; other brain runs kept). UMAP when umap-learn is installed and there are enough
+    points, else PCA. No seed by default: umap-learn runs on one thread when seeded."""
+    import fiftyone.brain as fob
+    import numpy as np
+    from fiftyone import ViewField as F
+
+    from fathompipe.embeddings import load_embeddings
+
+    ids, emb = load_embeddings(embeddings_path)
+    present = set(view.values("ground_truth.detections.annotation_id", unwind=True)) & set(ids.tolist())
+    roi_view = view.filter_labels("ground_truth", F("annotation_id").is_in(sorted(present)))
+    per_sample = roi_view.values("ground_truth.detections.annotation_id")  # samples without any are filtered out
+    order = np.asarray([aid for aids in per_sample for aid in aids], np.int64)
+    vectors = emb[np.searchsorted(ids, order)].astype(np.float32)
+    method = "umap" if len(vectors) >= UMAP_MIN_POINTS and umap_available() else "pca"
+    if method == "umap" and vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
+        from sklearn.decomposition import PCA
+        vectors = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit_transform(vectors)
+    if key in ds.list_brain_runs():
+        ds.delete_brain_run(key)
+    if len(vectors) < 2:
+        return {"brain_key": None, "embedded_rois": int(len(vectors)), "visualization": "none (fewer than 2 ROIs)"}
+    # with patches_field, FiftyOne Brain takes one (patches, dims) array per sample
+    by_sample = dict(zip(roi_view.values("id"), np.split(vectors, np.cumsum([len(a) for a in per_sample])[:-1])))
+    fob.compute_visualization(roi_view, patches_field="ground_truth", embeddings=by_sample, method=method,
+                              num_dims=2, brain_key=key, seed=seed, verbose=False, progress=False)
+    return {"brain_key": key, "embedded_rois": int(len(vectors)), "visualization": method}
+
+
+def umap_available() -> bool:
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def embeddings_beside(predictions: Path) -> Optional[Path]:
+    """The infer stage's embeddings file beside `predictions` (csv or parquet), if it wrote one."""
+    from fathompipe.layout import OutputFiles
+    path = OutputFiles(Path(predictions).with_suffix(".csv")).embeddings
+    return path if path.exists() else None

@@ -1,0 +1,228 @@
+"""The label-review workflow in the App (issue 13): the stage's evaluation equals FiftyOne's own
+`evaluate_detections`, review views carry truth beside prediction, tags set on their patches survive a
+rerun, mistakenness equals scoring.py's, the winner's embeddings become a Brain visualization, and the
+App command binds to 127.0.0.1 only. Researchers' schema (tests/researchers_dataset.py), private mongod."""
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Set
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import DATA
+from fathompipe.annotations import load_coco
+from fathompipe.evaluate import run
+from fathompipe.evaluation import fiftyone_io
+from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
+from fathompipe.evaluation.report import load_predictions
+from fathompipe.evaluation.scoring import evaluate
+from fathompipe.layout import OutputFiles
+from support.synthetic import train_like_coco
+from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
+
+TEST_JSON = DATA / "dataset_test.json"
+N_TRAIN_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Dict[str, Path]:
+    d = tmp_path_factory.mktemp("review")
+    full = train_like_coco(DATA / "train_annotation_labels.csv", TEST_JSON, d / "train_full.json")
+    train = subset_coco(full, d / "train.json", N_TRAIN_IMAGES)
+    preds = model_like_predictions(train, d / "predictions.parquet", seed=3)
+    # embeddings as the infer stage writes them: one vector per predicted ROI, near its predicted class
+    rng = np.random.default_rng(0)
+    centres = {name: rng.normal(0, 1, 64) for name in preds["concept_name"].unique()}
+    vectors = np.stack([centres[n] + rng.normal(0, 0.3, 64) for n in preds["concept_name"]]).astype(np.float32)
+    order = np.argsort(preds["annotation_id"].to_numpy())
+    np.savez(OutputFiles(d / "predictions.csv").embeddings, annotation_id=preds["annotation_id"].to_numpy()[order],
+             embeddings=vectors[order])
+    return {"train": train, "predictions": d / "predictions.parquet"}
+
+
+def stage(inputs, out: Path, name: str) -> dict:
+    return run(inputs["train"], inputs["predictions"], out, split="train", images_dir="/unused",
+               fiftyone=FiftyOneTarget(dataset=name))
+
+
+def test_evaluation_equals_evaluate_detections_and_sklearn(fiftyone_db, inputs, tmp_path):
+    from fiftyone import ViewField as F
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    ds = ingest_like_researchers("review-eval", {"train": inputs["train"], "test": TEST_JSON})
+    retag_val(ds)
+    stage(inputs, tmp_path / "r", ds.name)
+    ds.reload()
+    train = ds.match(F("split") == "train")
+    # FiftyOne's own evaluation of the same pairs, as the stage ran it before
+    train.evaluate_detections("model_predictions", gt_field="ground_truth", eval_key="ref", classwise=False, iou=0.5)
+    ours, ref = "eval_model_train", "ref"
+    for path in ("ground_truth", "model_predictions"):
+        assert (train.values(f"{path}.detections.{ours}") == train.values(f"{path}.detections.{ref}"))
+        assert (train.values(f"{path}.detections.{ours}_id") == train.values(f"{path}.detections.{ref}_id"))
+        mine = train.values(f"{path}.detections.{ours}_iou", unwind=True)
+        theirs = train.values(f"{path}.detections.{ref}_iou", unwind=True)
+        assert np.allclose(np.array(mine, float), np.array(theirs, float), equal_nan=True)
+    for count in ("tp", "fp", "fn"):
+        assert train.values(f"{ours}_{count}") == train.values(f"{ref}_{count}")
+    results, reference = ds.load_evaluation_results(ours), ds.load_evaluation_results(ref)
+    def pairs(r) -> list:  # the same matches, in FiftyOne's per-prediction order or in ground-truth order
+        return sorted(zip(r.ytrue, r.ypred, r.ytrue_ids, r.ypred_ids, r.confs))
+    assert pairs(results) == pairs(reference)
+    assert results.report() == reference.report()
+    labels = sorted(set(results.ytrue) | set(results.ypred))
+    truth, pred = list(results.ytrue), list(results.ypred)
+    assert np.array_equal(results.confusion_matrix(classes=labels), confusion_matrix(truth, pred, labels=labels))
+    report = classification_report(truth, pred, labels=labels, output_dict=True, zero_division=0)
+    for name in labels:
+        assert results.report()[name]["support"] == report[name]["support"]
+        assert results.report()[name]["f1-score"] == pytest.approx(report[name]["f1-score"])
+    assert len(ds.match(F("split") == "train").to_evaluation_patches(ours)) > 0
+    assert "ref" in ds.list_evaluations()  # theirs kept
+
+
+def test_raw_and_public_evaluation_writes_are_identical(fiftyone_db, inputs, tmp_path):
+    from fiftyone import ViewField as F
+
+    raw = ingest_like_researchers("review-raw", {"train": inputs["train"]})
+    stage(inputs, tmp_path / "r", raw.name)
+    raw.reload()
+    public = raw.clone("review-public")
+    fiftyone_io.evaluate_in_app(public, "model_predictions", "train", "eval_model_train",
+                                raw_mistakenness(raw), raw=False)
+    public.reload()
+    for path in ("ground_truth.detections", "model_predictions.detections", "eval_model_train_tp",
+                 "eval_model_train_fn"):
+        a, b = raw.match(F("split") == "train").values(path), public.match(F("split") == "train").values(path)
+        if path.endswith("detections"):
+            a = [[{k: v for k, v in d.to_dict().items()} for d in s] for s in a]
+            b = [[{k: v for k, v in d.to_dict().items()} for d in s] for s in b]
+        assert a == b, path
+
+
+def raw_mistakenness(ds) -> Dict[int, float]:
+    return {d.annotation_id: d.mistakenness for d in ds.values("ground_truth.detections", unwind=True)
+            if d.mistakenness is not None}
+
+
+def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, inputs, tmp_path):
+    import fiftyone.brain as fob
+    from fiftyone import ViewField as F
+
+    ds = ingest_like_researchers("review-views", {"train": inputs["train"], "test": TEST_JSON})
+    stage(inputs, tmp_path / "r1", ds.name)
+    ds.reload()
+    rois = pd.read_csv(tmp_path / "r1" / "rois.csv").set_index("annotation_id")
+    # mistakenness in the App equals the report's (scoring.py), on the ground truth and on the prediction
+    gts = ds.match(F("split") == "train").values("ground_truth.detections", unwind=True)
+    exact = evaluate(load_coco(inputs["train"]), load_predictions(inputs["predictions"])).table
+    exact = dict(zip(exact["annotation_id"], exact["mistakenness"]))
+    assert {d.annotation_id: d.mistakenness for d in gts} == exact
+    assert all(m == pytest.approx(exact[a], rel=1e-5) for a, m in rois["mistakenness"].items())  # the report's
+    preds = ds.match(F("split") == "train").values("model_predictions.detections", unwind=True)
+    assert all(p.mistakenness == exact[p.annotation_id] for p in preds)
+
+    disagreements = ds.load_saved_view("eval_model_train-disagreements")
+    wrong = rois[rois["truth"] != rois["prediction"]]
+    assert len(disagreements) == len(wrong) > 0
+    confidences = []
+    for patch in disagreements.iter_samples():
+        gt, shown = patch.ground_truth, patch.model_predictions.detections
+        assert len(shown) == 1 and shown[0].annotation_id == gt.annotation_id  # its own prediction, beside it
+        assert shown[0].label == gt.predicted_label == wrong.loc[gt.annotation_id, "prediction"] != gt.label
+        confidences.append(gt.predicted_confidence)
+    assert confidences == sorted(confidences, reverse=True)
+    by_mistakenness = ds.load_saved_view("eval_model_train-mistakenness")
+    scores = by_mistakenness.values("ground_truth.mistakenness")
+    assert len(scores) == len(rois) and scores == sorted(scores, reverse=True)
+    assert ds.get_field("ground_truth.detections.mistakenness") is not None  # declared: sortable in the App
+
+    # review in the App: tag patches through the patches API (as the App does), and one by editing a patch
+    top = disagreements.limit(3)
+    top.tag_labels("label_error", label_fields="ground_truth")
+    tagged = set(top.values("ground_truth.annotation_id"))
+    patch = disagreements.skip(5).first()
+    patch.ground_truth.tags.append("reviewed")
+    patch.save()
+    reviewed = patch.ground_truth.annotation_id
+    train = ds.match(F("split") == "train")  # and a brain run of their own that the stage must keep
+    fob.compute_visualization(train, patches_field="ground_truth", method="pca", brain_key="theirs",
+                              embeddings=[np.random.default_rng(1).normal(size=(len(d), 8))
+                                                      for d in train.values("ground_truth.detections")], progress=False)
+
+    def tags_on_dataset() -> Dict[int, Set[str]]:
+        ds.reload()
+        return {d.annotation_id: set(d.tags) for d in ds.match(F("split") == "train").values(
+            "ground_truth.detections", unwind=True) if d.tags}
+
+    before = tags_on_dataset()
+    assert {a for a, t in before.items() if "label_error" in t} == tagged and "reviewed" in before[reviewed]
+    first = ds.load_brain_results("eval_model_train_embeddings")
+    stage(inputs, tmp_path / "r2", ds.name)  # rerun: import, evaluation, views, visualization again
+    assert tags_on_dataset() == before
+    assert ds.load_saved_view("eval_model_train-disagreements").count_label_tags() == \
+        {"label_error": 3, "reviewed": 1}
+    assert {"theirs", "eval_model_train_embeddings"} <= set(ds.list_brain_runs())
+    again = ds.load_brain_results("eval_model_train_embeddings")
+    assert again.points.shape == first.points.shape
+
+
+def test_embeddings_visualization_of_the_winner(fiftyone_db, inputs, tmp_path):
+    from fiftyone import ViewField as F
+
+    ds = ingest_like_researchers("review-embeddings", {"train": inputs["train"]})
+    info = stage(inputs, tmp_path / "r", ds.name)["fiftyone"]
+    ds.reload()
+    n = ds.match(F("split") == "train").count("ground_truth.detections")
+    assert info["brain_key"] == "eval_model_train_embeddings" and info["visualization"] == "umap"
+    assert info["embedded_rois"] == n
+    results = ds.load_brain_results("eval_model_train_embeddings")
+    assert results.points.shape == (n, 2) and np.isfinite(results.points).all()
+    assert results.config.patches_field == "ground_truth" and results.config.method == "umap"
+    # coloured by true label in the App: points of one predicted class (one cluster centre) lie together
+    labels = np.array(ds.match(F("split") == "train").values("model_predictions.detections.label", unwind=True))
+    spread = np.mean([results.points[labels == c].std(axis=0).mean() for c in set(labels) if (labels == c).sum() > 5])
+    assert spread < results.points.std(axis=0).mean() / 2
+
+
+def listening(port: int) -> Set[str]:
+    """Local addresses with a socket in LISTEN state on `port` (/proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]) if len(address) == 8
+                          else address)
+    return found
+
+
+def test_app_command_as_printed_listens_on_loopback_only(fiftyone_db, inputs, tmp_path):
+    ds = ingest_like_researchers("review-app", {"train": inputs["train"]})
+    instructions = fiftyone_io.app_instructions(ds.name, None)
+    assert "address='127.0.0.1'" in instructions and "ssh -L 5151:127.0.0.1:5151" in instructions
+    command = fiftyone_io.app_command(ds.name)
+    with socket.socket() as s:  # port 5151 may be taken on a shared machine: same command, a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = shlex.split(command.replace("port=5151", f"port={port}"))
+    argv[0] = sys.executable
+    app = subprocess.Popen(argv, env=dict(os.environ), start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not listening(port) and time.monotonic() < deadline and app.poll() is None:
+            time.sleep(1)
+        assert listening(port) == {"127.0.0.1"}
+    finally:
+        os.killpg(app.pid, 15)
+        app.wait(30)
