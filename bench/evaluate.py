@@ -185,7 +185,8 @@ def run(work: Path, ann: Path, coco, preds: pd.DataFrame) -> None:
     import fiftyone as fo
     from fathompipe.evaluate import run as evaluate_stage
     from fathompipe.evaluation import fiftyone_io
-    from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
+    from fathompipe.config import EvaluateConfig
+    from fathompipe.jobs import EvaluateSplit
 
     indexed = preds.set_index("annotation_id")
     rows = []
@@ -234,8 +235,8 @@ def run(work: Path, ann: Path, coco, preds: pd.DataFrame) -> None:
     rows.append(("per-sample sample.save() loop", loop))
 
     t0 = time.perf_counter()
-    evaluate_stage(ann, work / "predictions.parquet", work / "report", split="train",
-                   fiftyone=FiftyOneTarget("bench-stage"))
+    evaluate_stage(EvaluateSplit(str(ann), str(work / "predictions.parquet"), str(work / "report"), "train"),
+                   EvaluateConfig(dataset="bench-stage"))
     rows.append(("whole evaluate stage (report, ingest, import, evaluation, views, embeddings visualization)",
                  time.perf_counter() - t0))
 

@@ -5,6 +5,7 @@ Validation happens before anything is submitted and fails with one message namin
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -117,17 +118,25 @@ class InferConfig:
 
 @dataclass
 class EvaluateConfig:
+    """Where and how the evaluate stage writes in FiftyOne. Never holds an API key: a FiftyOne Enterprise deployment
+    is a name, its URI and key are read inside the job. A database password belongs in FIFTYONE_DATABASE_URI in the
+    environment or .env, not in `database_uri`, which travels in the job's pickle."""
+
     # first: the `field` attribute below shadows dataclasses.field in this class body
-    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=60))
-    fiftyone: bool = True
+    resources: Resources = field(default_factory=lambda: Resources(cpus_per_task=2, mem_gb=8, timeout_min=60),
+                                 metadata=NO_CLI)
+    fiftyone: bool = dataclasses.field(default=True, metadata={"help": "import the predictions into FiftyOne and "
+                                                               "evaluate them there (--no-fiftyone: report only)"})
     dataset: str = "fathomnet-2025"
-    field: str = "model_predictions"  # the predictions field on each sample
-    eval_key: str = "eval_model"
-    database_uri: Optional[str] = None  # an external MongoDB; default: FiftyOne's bundled database
-    # FiftyOne Enterprise: NAME maps NAME_FIFTYONE_API_URI/NAME_FIFTYONE_API_KEY (read inside the job from the
-    # environment or .env, never stored here) onto FIFTYONE_API_URI/FIFTYONE_API_KEY
-    deployment: Optional[str] = None
-    env_file: Optional[str] = None  # the .env the job reads; default: .env in the job's working directory or above
+    field: str = dataclasses.field(default="model_predictions", metadata={"help": "the predictions field of a sample"})
+    eval_key: str = dataclasses.field(default="eval_model", metadata={"help": "split S is stored as EVAL_KEY_S"})
+    database_uri: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "an external MongoDB (default: FiftyOne's bundled database)"})
+    deployment: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "FiftyOne Enterprise deployment NAME: NAME_FIFTYONE_API_URI and "
+                                        "NAME_FIFTYONE_API_KEY from the environment or .env"})
+    env_file: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": ".env file the job reads (default: .env in its directory or above)"})
 
 
 @dataclass

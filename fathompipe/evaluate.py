@@ -6,7 +6,7 @@
 
 The report (metrics.json, per_class.csv, confusions.csv, rois.csv, report.html) is written first,
 then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs
-every selected split in turn in one job (`run_splits`); a rerun skips splits already done, and a
+every selected split in turn in one job (`run_job`); a rerun skips splits already done, and a
 re-import updates the split's predictions in place (review tags and attributes kept).
 """
 from __future__ import annotations
@@ -15,47 +15,48 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from fathompipe import atomic
 from fathompipe.annotations import AnnotationError, load_coco
+from fathompipe.cli import add_options, from_args
+from fathompipe.config import EvaluateConfig
 from fathompipe.evaluation import fiftyone_review
-from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
 from fathompipe.evaluation.report import evaluate as score
 from fathompipe.evaluation.report import headline, load_predictions, write_report
+from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
 
 
-def run(annotations: str | Path, predictions: str | Path, report_dir: str | Path, split: str = "test",
-        images_dir: Optional[str] = None, naming: str = "file_name",
-        fiftyone: Optional[FiftyOneTarget] = FiftyOneTarget()) -> Dict[str, object]:
-    """One split: report, then FiftyOne (None: skip), then the completion marker."""
+def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[str, object]:
+    """One split: report, then FiftyOne (unless `options.fiftyone` is off), then the completion marker."""
+    options = options or EvaluateConfig()
     t0 = time.monotonic()
-    out = Path(report_dir)
-    dataset = load_coco(annotations)
-    preds = load_predictions(predictions)
+    out = Path(split.report_dir)
+    dataset = load_coco(split.annotations)
+    preds = load_predictions(split.predictions)
     ev = score(dataset, preds)
-    extra = {"annotations": str(annotations), "predictions": str(predictions), "split": split}
-    report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split} split",
-                          Path(images_dir) if images_dir else None, naming, extra)
-    print(f"report: {report}\n{split}: {headline(ev.metrics)}", flush=True)
+    extra = {"annotations": split.annotations, "predictions": split.predictions, "split": split.split}
+    report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
+                          Path(split.images_dir) if split.images_dir else None, split.naming, extra)
+    print(f"report: {report}\n{split.split}: {headline(ev.metrics)}", flush=True)
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
                                  "headline": headline(ev.metrics)}
-    if fiftyone is not None:
-        result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, images_dir or "",
-                                           naming, fiftyone, mistakenness_by_roi(ev.table),
-                                           fiftyone_review.embeddings_beside(Path(predictions)))
+    if options.fiftyone:
+        result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, options,
+                                           mistakenness_by_roi(ev.table),
+                                           fiftyone_review.embeddings_beside(Path(split.predictions)))
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(evaluate_marker(out), result)
     return result
 
 
-def connect(target: FiftyOneTarget) -> str:
+def connect(options: EvaluateConfig) -> str:
     """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs."""
     from fathompipe.evaluation import fiftyone_env
-    return fiftyone_env.describe(fiftyone_env.configure(target.database_uri, target.deployment, target.env_file))
+    return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file))
 
 
 def mistakenness_by_roi(table) -> Dict[int, float]:
@@ -65,16 +66,16 @@ def mistakenness_by_roi(table) -> Dict[int, float]:
     return dict(zip(known["annotation_id"].tolist(), known["mistakenness"].astype(float).tolist()))
 
 
-def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, naming: str,
-                  target: FiftyOneTarget, mistakenness: Optional[Dict[int, float]] = None,
+def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options: EvaluateConfig,
+                  mistakenness: Optional[Dict[int, float]] = None,
                   embeddings: Optional[Path] = None) -> Dict[str, object]:
     from fathompipe.evaluation import fiftyone_io
-    where = connect(target)
-    name, field = target.dataset, target.field
-    eval_key = f"{target.eval_key}_{split}"
+    where = connect(options)
+    name, field, split = options.dataset, options.field, inputs.split
+    eval_key = f"{options.eval_key}_{split}"
     try:
         t0 = time.monotonic()
-        ds = fiftyone_io.ingest(name, dataset, images_dir, split, naming)
+        ds = fiftyone_io.ingest(name, dataset, inputs.images_dir or "", split, inputs.naming)
         imported = fiftyone_io.import_predictions(ds, split, dataset, preds, field, labelled)
         info: Dict[str, object] = {**fiftyone_io.summary(ds, field, split), "split": split, "field": field,
                                    "imported": imported.written, "unmatched": imported.unmatched,
@@ -105,40 +106,26 @@ def load_fiftyone(dataset, preds, labelled: bool, split: str, images_dir: str, n
     return info
 
 
-def run_splits(splits: Sequence[SplitInputs], naming: str, fiftyone: Optional[FiftyOneTarget]) -> Dict[str, object]:
+def run_job(job: EvaluateJob) -> Dict[str, object]:
     """Every split in turn in ONE process, so FiftyOne's bundled database is started once, never twice
     on one directory; a split with its completion marker is skipped."""
     results: Dict[str, object] = {}
-    for s in splits:
-        marker = evaluate_marker(s.report_dir)
+    for split in job.splits:
+        marker = evaluate_marker(split.report_dir)
         if marker.exists():
-            print(f"{s.split}: already evaluated ({marker})", flush=True)
+            print(f"{split.split}: already evaluated ({marker})", flush=True)
             continue
-        results[s.split] = run(s.annotations, s.predictions, s.report_dir, s.split, s.images_dir, naming, fiftyone)
+        results[split.split] = run(split, job.options)
     return results
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--annotations", required=True)
-    parser.add_argument("--predictions", required=True, help="predictions.csv or predictions.parquet")
-    parser.add_argument("--report-dir", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--images-dir", help="for crops in the report and FiftyOne file paths")
-    parser.add_argument("--naming", choices=["file_name", "image_id"], default="file_name")
-    parser.add_argument("--dataset", default="fathomnet-2025")
-    parser.add_argument("--field", default="model_predictions")
-    parser.add_argument("--eval-key", default="eval_model")
-    parser.add_argument("--database-uri", help="external MongoDB (default: FiftyOne's bundled database)")
-    parser.add_argument("--deployment", help="FiftyOne Enterprise deployment NAME: NAME_FIFTYONE_API_URI and "
-                                             "NAME_FIFTYONE_API_KEY from the environment or .env")
-    parser.add_argument("--env-file", help=".env file to read (default: .env in this directory or above)")
-    parser.add_argument("--no-fiftyone", action="store_true")
+    add_options(parser, EvaluateSplit)
+    add_options(parser, EvaluateConfig)
     args = parser.parse_args(argv)
-    target = None if args.no_fiftyone else FiftyOneTarget(args.dataset, args.field, args.eval_key, args.database_uri,
-                                                          args.deployment, args.env_file)
     try:
-        run(args.annotations, args.predictions, args.report_dir, args.split, args.images_dir, args.naming, target)
+        run(from_args(EvaluateSplit, args), from_args(EvaluateConfig, args))
     except (AnnotationError, FiftyOneSetupError, FiftyOneDataError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

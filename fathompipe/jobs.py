@@ -6,9 +6,10 @@ so a new option is one field in fathompipe/config.py and the code that reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
-from fathompipe.config import CheckpointConfig, DownloadConfig, InferConfig, SplitSource
+from fathompipe.config import (NAMINGS, SPLITS, CheckpointConfig, DownloadConfig, EvaluateConfig, InferConfig,
+                               SplitSource)
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,26 @@ class InferJob:
     output: str = field(metadata={"help": "OUT.csv; OUT.parquet is written beside it"})
     options: InferConfig = field(default_factory=InferConfig)
     shard: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateSplit:
+    """One split to score and import: its annotations, the infer stage's predictions, where its report goes.
+    Its own fields rather than a SplitSource: the report needs no images (crops are drawn only when they exist)."""
+
+    annotations: str = field(metadata={"help": "FathomNet COCO json of the split"})
+    predictions: str = field(metadata={"help": "predictions.csv or predictions.parquet"})
+    report_dir: str = field(metadata={"help": "report.html, metrics.json, the CSVs and evaluate.done"})
+    split: str = field(default="test", metadata={"choices": SPLITS})
+    images_dir: Optional[str] = field(default=None, metadata={"help": "for crops in the report and FiftyOne's "
+                                                              "file paths"})
+    naming: str = field(default="file_name", metadata={"choices": NAMINGS})
+
+
+@dataclass(frozen=True)
+class EvaluateJob:
+    """ONE task for every selected split, evaluated in turn: parallel tasks would each start FiftyOne's bundled
+    mongod on the same directory (the second fails). Each split keeps its report directory and `evaluate.done`."""
+
+    splits: Tuple[EvaluateSplit, ...]
+    options: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -14,7 +14,8 @@ import pytest
 from conftest import DATA, ROOT
 from fathompipe.annotations import load_coco
 from fathompipe.evaluate import run
-from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
+from fathompipe.config import EvaluateConfig
+from fathompipe.jobs import EvaluateSplit
 from support.synthetic import train_like_coco
 
 TEST_JSON = DATA / "dataset_test.json"
@@ -51,7 +52,7 @@ def train_like(tmp_path_factory):
 
 def test_labelled_metrics_follow_the_official_rule(train_like, tmp_path):
     ds, ann, pred_path, preds = train_like
-    run(ann, pred_path, tmp_path / "report", split="train", fiftyone=None)
+    run(EvaluateSplit(str(ann), str(pred_path), str(tmp_path / "report"), "train"), EvaluateConfig(fiftyone=False))
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     matrix = official_matrix()
     by_id = dict(zip(preds.annotation_id, preds.concept_name))
@@ -71,7 +72,7 @@ def test_labelled_metrics_follow_the_official_rule(train_like, tmp_path):
 
 
 def test_unlabelled_split_says_no_score(tmp_path):
-    run(TEST_JSON, WINNER, tmp_path / "r", fiftyone=None)
+    run(EvaluateSplit(str(TEST_JSON), str(WINNER), str(tmp_path / "r")), EvaluateConfig(fiftyone=False))
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert not m["labelled"] and "mean_hierarchical_distance" not in m
     assert "no score can be computed" in m["note"] and sum(m["prediction_counts"].values()) == 788
@@ -79,10 +80,11 @@ def test_unlabelled_split_says_no_score(tmp_path):
 
 
 def test_fiftyone_test_split_import_is_idempotent(fiftyone_db, tmp_path):
-    target = FiftyOneTarget("fn-test-split")
-    result = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", fiftyone=target)
+    target = EvaluateConfig(dataset="fn-test-split")
+    split = EvaluateSplit(str(TEST_JSON), str(WINNER), str(tmp_path / "r"), images_dir="/data/test_images")
+    result = run(split, target)
     assert result["fiftyone"]["samples"] == 325 and result["fiftyone"]["predictions"] == 788
-    again = run(TEST_JSON, WINNER, tmp_path / "r", images_dir="/data/test_images", fiftyone=target)
+    again = run(split, target)
     assert again["fiftyone"]["predictions"] == 788 and again["fiftyone"]["samples"] == 325
     import fiftyone as fo
     ds = fo.load_dataset("fn-test-split")
@@ -100,12 +102,12 @@ def test_fiftyone_test_split_import_is_idempotent(fiftyone_db, tmp_path):
 
 def test_existing_dataset_is_matched_not_reingested(fiftyone_db, tmp_path):
     import fiftyone as fo
-    run(TEST_JSON, WINNER, tmp_path / "a", images_dir="/mnt/their/test_images",
-        fiftyone=FiftyOneTarget("fn-existing", field="first"))
+    run(EvaluateSplit(str(TEST_JSON), str(WINNER), str(tmp_path / "a"), images_dir="/mnt/their/test_images"),
+        EvaluateConfig(dataset="fn-existing", field="first"))
     ds = fo.load_dataset("fn-existing")
     ids = set(ds.values("id"))
-    run(TEST_JSON, WINNER, tmp_path / "b", images_dir="/elsewhere",
-        fiftyone=FiftyOneTarget("fn-existing", field="second"))
+    run(EvaluateSplit(str(TEST_JSON), str(WINNER), str(tmp_path / "b"), images_dir="/elsewhere"),
+        EvaluateConfig(dataset="fn-existing", field="second"))
     ds.reload()
     assert set(ds.values("id")) == ids and ds.first().filepath.startswith("/mnt/their/test_images/")
     assert ds.count("second.detections") == 788
@@ -113,8 +115,8 @@ def test_existing_dataset_is_matched_not_reingested(fiftyone_db, tmp_path):
 
 def test_train_sized_dataset_with_evaluation_and_saved_view(fiftyone_db, train_like, tmp_path):
     ds_coco, ann, pred_path, preds = train_like
-    result = run(ann, pred_path, tmp_path / "r", split="train", images_dir="/data/train",
-                 fiftyone=FiftyOneTarget("fn-train", eval_key="eval_winner"))
+    result = run(EvaluateSplit(str(ann), str(pred_path), str(tmp_path / "r"), "train", "/data/train"),
+                 EvaluateConfig(dataset="fn-train", eval_key="eval_winner"))
     info = result["fiftyone"]
     assert info["samples"] == 8980 and info["predictions"] == len(preds)
     import fiftyone as fo

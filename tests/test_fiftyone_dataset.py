@@ -11,8 +11,9 @@ import pytest
 
 from conftest import DATA
 from fathompipe.annotations import load_coco
-from fathompipe.evaluate import run, run_splits
-from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.config import EvaluateConfig
+from fathompipe.evaluate import run, run_job
+from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.evaluation.report import load_predictions
 from support.synthetic import train_like_coco
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
@@ -88,12 +89,12 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
     ds = ingest_like_researchers("fathomnet-2025-r1", {"train": inputs["train"], "test": inputs["test"]})
     val_ids = retag_val(ds)
     assert len(val_ids) == N_TRAIN_IMAGES // 5 and len(ds.match_tags("test")) == 325
-    target = FiftyOneTarget(dataset=ds.name)
+    target = EvaluateConfig(dataset=ds.name)
     test_before = raw_docs(ds, "test")
 
     # 1. train: every prediction on its own image's annotation, the test split untouched
-    first = run(inputs["train"], inputs["train_a"], tmp_path / "r1", split="train", images_dir="/unused",
-                fiftyone=target)["fiftyone"]
+    first = run(EvaluateSplit(str(inputs["train"]), str(inputs["train_a"]), str(tmp_path / "r1"), "train", "/unused"),
+                target)["fiftyone"]
     ds.reload()
     n_train = len(load_predictions(inputs["train_a"]))
     assert first["imported"] == n_train and first["unmatched"] == 0 and first["samples"] == N_TRAIN_IMAGES
@@ -124,7 +125,7 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
     train_before = raw_docs(ds, "train")
 
     # 3. test: unlabelled, `unknown` labels; the train split (and its review work) is not touched
-    second = run(inputs["test"], WINNER, tmp_path / "r2", split="test", images_dir="/unused", fiftyone=target)
+    second = run(EvaluateSplit(str(inputs["test"]), str(WINNER), str(tmp_path / "r2"), "test", "/unused"), target)
     info = second["fiftyone"]
     ds.reload()
     assert info["imported"] == 788 and info["samples"] == 325 and "saved_view" not in info
@@ -134,7 +135,7 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
 
     # 4. train again with another model run: updated in place, review work kept, own evaluation current
     test_after = raw_docs(ds, "test")
-    run(inputs["train"], inputs["train_b"], tmp_path / "r3", split="train", images_dir="/unused", fiftyone=target)
+    run(EvaluateSplit(str(inputs["train"]), str(inputs["train_b"]), str(tmp_path / "r3"), "train", "/unused"), target)
     ds.reload()
     # FiftyOne's delete_evaluation (replacing the stage's previous evaluation) stamps `last_modified_at` on
     # every sample of the dataset; nothing else of the test split may differ
@@ -168,17 +169,18 @@ def test_both_splits_into_a_fresh_dataset_in_one_process(fiftyone_db, inputs, tm
     import fiftyone as fo
     from fiftyone import ViewField as F
 
-    splits = [SplitInputs("train", str(inputs["train"]), str(inputs["train_a"]), str(tmp_path / "train"), "/d/tr"),
-              SplitInputs("test", str(inputs["test"]), str(WINNER), str(tmp_path / "test"), "/d/te")]
-    target = FiftyOneTarget(dataset="fresh-both")
-    done = run_splits(splits, "file_name", target)
+    job = EvaluateJob((EvaluateSplit(str(inputs["train"]), str(inputs["train_a"]), str(tmp_path / "train"), "train",
+                                     "/d/tr"),
+                       EvaluateSplit(str(inputs["test"]), str(WINNER), str(tmp_path / "test"), "test", "/d/te")),
+                      EvaluateConfig(dataset="fresh-both"))
+    done = run_job(job)
     assert set(done) == {"train", "test"}
     ds = fo.load_dataset("fresh-both")
     assert len(ds.match(F("split") == "train")) == N_TRAIN_IMAGES and len(ds.match(F("split") == "test")) == 325
     assert check_predictions_sit_on_their_annotations(ds, "test", inputs["test"], WINNER) == 788
     assert check_predictions_sit_on_their_annotations(ds, "train", inputs["train"], inputs["train_a"]) > 0
     assert ds.match(F("split") == "test").first().filepath.startswith("/d/te/")
-    assert run_splits(splits, "file_name", target) == {}  # both done: nothing redone
+    assert run_job(job) == {}  # both done: nothing redone
 
 
 def test_label_outside_the_79_on_the_evaluated_split_is_one_clear_error(fiftyone_db, inputs, tmp_path):
@@ -210,7 +212,8 @@ def test_label_error_message(fiftyone_db, inputs, tmp_path, capsys):
     aid = sample.ground_truth.detections[0].annotation_id
     from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
     with pytest.raises(FiftyOneDataError) as err:
-        run(inputs["train"], inputs["train_a"], tmp_path / "r", split="train", fiftyone=FiftyOneTarget(ds.name))
+        run(EvaluateSplit(str(inputs["train"]), str(inputs["train_a"]), str(tmp_path / "r"), "train"),
+            EvaluateConfig(dataset=ds.name))
     assert str(err.value).startswith(f"dataset 'fathomnet-2025-r4', split train: annotation {aid} "
                                      f"(image {sample.image_id}) has the ground-truth label 'unknown'")
 

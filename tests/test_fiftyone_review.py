@@ -19,11 +19,12 @@ import pytest
 
 from conftest import DATA
 from fathompipe.annotations import load_coco
+from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run
 from fathompipe.evaluation import fiftyone_io
-from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget
 from fathompipe.evaluation.report import load_predictions
 from fathompipe.evaluation.scoring import evaluate
+from fathompipe.jobs import EvaluateSplit
 from fathompipe.layout import OutputFiles
 from support.synthetic import train_like_coco
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
@@ -49,8 +50,8 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
 
 
 def stage(inputs, out: Path, name: str) -> dict:
-    return run(inputs["train"], inputs["predictions"], out, split="train", images_dir="/unused",
-               fiftyone=FiftyOneTarget(dataset=name))
+    return run(EvaluateSplit(str(inputs["train"]), str(inputs["predictions"]), str(out), "train", "/unused"),
+               EvaluateConfig(dataset=name))
 
 
 def test_evaluation_equals_evaluate_detections_and_sklearn(fiftyone_db, inputs, tmp_path):

@@ -14,7 +14,9 @@ from PIL import Image
 
 from conftest import DATA, PARITY
 from fathompipe.annotations import load_coco
+from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run as evaluate_stage
+from fathompipe.jobs import EvaluateSplit
 from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run as infer
@@ -103,8 +105,8 @@ def parity_run(tmp_path_factory):
 
 def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_run, tmp_path):
     labelled, out, images, lost = parity_run
-    result = evaluate_stage(labelled, out.with_suffix(".parquet"), tmp_path / "r", split="train",
-                            images_dir=str(images), fiftyone=None)
+    result = evaluate_stage(EvaluateSplit(str(labelled), str(out.with_suffix(".parquet")), str(tmp_path / "r"), "train",
+                                          str(images)), EvaluateConfig(fiftyone=False))
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     rois = pd.read_csv(tmp_path / "r" / "rois.csv", keep_default_na=False)
     assert m["n_annotations"] == 30 and m["n_predictions"] == 30 - len(lost) and len(lost) > 0
@@ -221,7 +223,8 @@ def test_report_page_at_train_size(train_sized, tmp_path):
 
 def test_unlabelled_split_reports_coverage_and_counts(tmp_path):
     run_dir = tmp_path / "r"
-    evaluate_stage(DATA / "dataset_test.json", DATA / "winner_test_predictions.csv", run_dir, fiftyone=None)
+    split = EvaluateSplit(str(DATA / "dataset_test.json"), str(DATA / "winner_test_predictions.csv"), str(run_dir))
+    evaluate_stage(split, EvaluateConfig(fiftyone=False))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["coverage"] == 1.0 and m["not_predicted"] == {} and "mean_hierarchical_distance" not in m
     page = (run_dir / "report.html").read_text()

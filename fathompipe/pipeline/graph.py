@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Protocol, Tuple
 
 import submitit
 
 from fathompipe.config import PipelineConfig, Resources
-from fathompipe.jobs import CheckpointJob, DownloadJob, InferJob
-from fathompipe.evaluation.evaluate_inputs import FiftyOneTarget, SplitInputs
+from fathompipe.jobs import CheckpointJob, DownloadJob, EvaluateJob, EvaluateSplit, InferJob
 from fathompipe.layout import OutputFiles, RunPaths, ShardFiles, evaluate_marker
 from fathompipe.model.slim import slim_is_current
 
@@ -125,38 +124,31 @@ def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 
 @dataclass(frozen=True)
 class EvaluateTask:
-    """ONE task for every selected split, evaluated in turn: parallel tasks would each start FiftyOne's
-    bundled mongod on the same directory (the second fails). Each split keeps its own report directory
-    and `evaluate.done`; a rerun skips finished splits. Holds no API key (deployments are read in the job)."""
+    """ONE task for every selected split (EvaluateJob says why). Holds no API key: deployments are read in the job."""
 
-    splits: Tuple[SplitInputs, ...]
-    naming: str
-    fiftyone: Optional[FiftyOneTarget]
+    job: EvaluateJob
 
     @property
     def key(self) -> str:
-        return "+".join(s.split for s in self.splits)
+        return "+".join(s.split for s in self.job.splits)
 
     def done(self) -> bool:
-        return all(evaluate_marker(s.report_dir).exists() for s in self.splits)
+        return all(evaluate_marker(s.report_dir).exists() for s in self.job.splits)
 
     def progress(self) -> Dict[str, int]:
-        return {"reports": sum(evaluate_marker(s.report_dir).exists() for s in self.splits)}
+        return {"reports": sum(evaluate_marker(s.report_dir).exists() for s in self.job.splits)}
 
     def __call__(self) -> object:
-        from fathompipe.evaluate import run_splits
-        return run_splits(self.splits, self.naming, self.fiftyone)
+        from fathompipe.evaluate import run_job
+        return run_job(self.job)
 
 
 def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    e = cfg.evaluate
-    splits = tuple(SplitInputs(split, getattr(cfg.data, split).annotations,
-                               str(paths.predictions(split).parquet), str(paths.report_dir(split)),
-                               getattr(cfg.data, split).images_dir)
+    splits = tuple(EvaluateSplit(str(getattr(cfg.data, split).annotations), str(paths.predictions(split).parquet),
+                                 str(paths.report_dir(split)), split, getattr(cfg.data, split).images_dir,
+                                 cfg.data.naming)
                    for split in cfg.data.splits)
-    target = FiftyOneTarget(e.dataset, e.field, e.eval_key, e.database_uri, e.deployment, e.env_file) \
-        if e.fiftyone else None
-    return [EvaluateTask(splits, cfg.data.naming, target)]
+    return [EvaluateTask(EvaluateJob(splits, cfg.evaluate))]
 
 
 @dataclass(frozen=True)
