@@ -127,8 +127,8 @@ def new_stage(work: Path, ann: Path) -> Dict[str, float]:
     from fathompipe.evaluation import fiftyone_eval, fiftyone_io, fiftyone_review
     from fathompipe.annotations import load_coco
     from fathompipe.evaluate import mistakenness_by_roi
-    from fathompipe.evaluation.report import evaluate as score
-    from fathompipe.evaluation.report import load_predictions, write_report
+    from fathompipe.evaluation.report import write_report
+    from fathompipe.evaluation.scoring import load_predictions, score
 
     t: Dict[str, float] = {}
     with part(t, "scoring (report tables; new: + mistakenness)"):

@@ -63,7 +63,7 @@ def main() -> None:
     preds = scoring.load_predictions(work / "predictions.parquet")
     rows.append(("load_predictions (parquet with logits, skipped.csv)", time.perf_counter() - t0))
     t0 = time.perf_counter()
-    ev = scoring.evaluate(ds, preds)
+    ev = scoring.score(ds, preds)
     rows.append(("score: table, metrics, per rank, per class, mistakenness", time.perf_counter() - t0))
     t0 = time.perf_counter()
     report.write_report(ev, ds, work / "report", "bench", images, "file_name", {})

@@ -24,8 +24,8 @@ from fathompipe.config import EvaluateConfig
 from fathompipe.evaluation import fiftyone_review
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
-from fathompipe.evaluation.report import evaluate as score
-from fathompipe.evaluation.report import headline, load_predictions, write_report
+from fathompipe.evaluation.report import write_report
+from fathompipe.evaluation.scoring import headline, load_predictions, score
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
 

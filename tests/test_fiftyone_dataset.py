@@ -14,7 +14,7 @@ from fathompipe.annotations import load_coco
 from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run, run_job
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
-from fathompipe.evaluation.report import load_predictions
+from fathompipe.evaluation.scoring import load_predictions
 from support.synthetic import train_like_coco
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
 

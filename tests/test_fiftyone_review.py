@@ -22,8 +22,7 @@ from fathompipe.annotations import load_coco
 from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run
 from fathompipe.evaluation import fiftyone_io
-from fathompipe.evaluation.report import load_predictions
-from fathompipe.evaluation.scoring import evaluate
+from fathompipe.evaluation.scoring import load_predictions, score
 from fathompipe.jobs import EvaluateSplit
 from fathompipe.layout import OutputFiles
 from support.synthetic import train_like_coco
@@ -124,7 +123,7 @@ def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, in
     rois = pd.read_csv(tmp_path / "r1" / "rois.csv").set_index("annotation_id")
     # mistakenness in the App equals the report's (scoring.py), on the ground truth and on the prediction
     gts = ds.match(F("split") == "train").values("ground_truth.detections", unwind=True)
-    exact = evaluate(load_coco(inputs["train"]), load_predictions(inputs["predictions"])).table
+    exact = score(load_coco(inputs["train"]), load_predictions(inputs["predictions"])).table
     exact = dict(zip(exact["annotation_id"], exact["mistakenness"]))
     assert {d.annotation_id: d.mistakenness for d in gts} == exact
     assert all(m == pytest.approx(exact[a], rel=1e-5) for a, m in rois["mistakenness"].items())  # the report's

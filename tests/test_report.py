@@ -21,8 +21,8 @@ from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run as infer
 from fathompipe.layout import OutputFiles
-from fathompipe.evaluation.scoring import (confusion_matrix, evaluate, headline, load_predictions, mistakenness,
-                                mistakenness_from_confidence, per_class)
+from fathompipe.evaluation.scoring import (confusion_matrix, headline, load_predictions, mistakenness,
+                                           mistakenness_from_confidence, per_class, score)
 from fathompipe.evaluation.report import write_report
 from support.synthetic import train_like_coco
 from fathompipe.evaluation.taxonomy import taxonomic_order
@@ -128,7 +128,7 @@ def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_r
 def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):
     labelled, out, _, _ = parity_run
     preds = load_predictions(out.with_suffix(".parquet"))
-    ev = evaluate(load_coco(labelled), preds)
+    ev = score(load_coco(labelled), preds)
     assert ev.metrics["mistakenness_from"] == "logits"
     t = ev.table.dropna(subset=["prediction"]).set_index("annotation_id")
     logits = np.stack(preds.loc[t.index, "logits"].to_numpy())
@@ -136,7 +136,7 @@ def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):
     assert (t.mistakenness[~t.correct] > 0.5).all() and (t.mistakenness[t.correct] < 0.5).all()
     assert ev.table.mistakenness[ev.table.prediction.isna()].isna().all()  # no prediction, no score
     csv_only = load_predictions(out)  # the competition CSV has neither logits nor confidences
-    assert evaluate(load_coco(labelled), csv_only).metrics["mistakenness_from"] is None
+    assert score(load_coco(labelled), csv_only).metrics["mistakenness_from"] is None
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def train_sized(tmp_path_factory):
 
 def test_report_page_at_train_size(train_sized, tmp_path):
     ds, pred_path, images, n_skipped = train_sized
-    ev = evaluate(ds, load_predictions(pred_path))
+    ev = score(ds, load_predictions(pred_path))
     out = tmp_path / "r"
     write_report(ev, ds, out, "train", images, "file_name", {"split": "train"})
     page = (out / "report.html").read_text()

@@ -4,7 +4,7 @@ The page leads with the model's score over the ROIs it predicted, its coverage a
 score; then a 79x79 confusion matrix drawn as inline SVG (hover names the pair, its count and
 distance; no network needed), the disagreements most likely to be label errors (highest
 mistakenness) with a crop and the image's file name, per-rank and per-class tables.
-Scores come from `scoring`; `evaluate`, `headline` and `load_predictions` are re-exported for evaluate.py.
+Scores come from `scoring`; this module only renders them.
 """
 from __future__ import annotations
 
@@ -20,11 +20,9 @@ import pandas as pd
 from fathompipe import atomic
 from fathompipe.annotations import CocoDataset
 from fathompipe.evaluation.metric import distance
-from fathompipe.evaluation.scoring import (Evaluation, confusion_matrix, confusions, evaluate, headline,
-                                           load_predictions, per_class)
+from fathompipe.evaluation.scoring import Evaluation, confusion_matrix, confusions, per_class
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy
 
-__all__ = ["Evaluation", "evaluate", "headline", "load_predictions", "write_report"]
 
 N_CANDIDATES = 50  # label-error candidates listed (each gets a crop)
 N_NOT_PREDICTED = 20

@@ -83,7 +83,7 @@ class Evaluation:
     table: pd.DataFrame
 
 
-def evaluate(dataset: CocoDataset, predictions: pd.DataFrame) -> Evaluation:
+def score(dataset: CocoDataset, predictions: pd.DataFrame) -> Evaluation:
     taxonomy = load_taxonomy()
     anns = dataset.annotations
     ids = [a.id for a in anns]
