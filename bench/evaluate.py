@@ -107,7 +107,7 @@ def original_stage(work: Path, ann: Path) -> Dict[str, float]:
         ev = score(dataset, preds)
     with part(t, "report files (report.html, plots, CSVs)"):
         write_report(ev, dataset, work / "report-original", "train", None, "file_name", {})
-    with part(t, "FiftyOne ingest (add_samples)"):
+    with part(t, "FiftyOne ingest (original: add_samples; new: one add_samples + raw insert_many)"):
         ds = old_io.ingest("bench-original", dataset, "/data/train", "train", "file_name")
     with part(t, "FiftyOne import of the predictions"):
         old_io.import_predictions(ds, preds, "model_predictions", bool(ev.metrics["labelled"]))
@@ -136,7 +136,7 @@ def new_stage(work: Path, ann: Path) -> Dict[str, float]:
         ev = score(dataset, preds)
     with part(t, "report files (report.html, plots, CSVs)"):
         write_report(ev, dataset, work / "report-new", "train", None, "file_name", {})
-    with part(t, "FiftyOne ingest (add_samples)"):
+    with part(t, "FiftyOne ingest (original: add_samples; new: one add_samples + raw insert_many)"):
         ds = fiftyone_io.ingest("bench-new", dataset, "/data/train", "train", "file_name")
     with part(t, "FiftyOne import of the predictions"):
         fiftyone_io.import_predictions(ds, "train", dataset, preds, "model_predictions", True)

@@ -267,3 +267,32 @@ def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs):
     assert raw.get_field_schema(flat=True).keys() == public.get_field_schema(flat=True).keys()
     a, b = strip(raw_docs(raw, "test"), False), strip(raw_docs(public, "test"), False)
     assert a == b, first_diff(a, b)
+
+
+def test_raw_and_public_ingest_store_the_same_samples(fiftyone_db, inputs):
+    """The raw ingest is allowed only because it stores what `add_samples` stores: the same documents (ids,
+    `_rand` and timestamps aside), the same schema, and a dataset FiftyOne reads back as samples."""
+    from fathompipe.evaluation import fiftyone_io
+
+    for split in ("train", "test"):
+        coco = load_coco(inputs[split])
+        raw = fiftyone_io.ingest(f"ingest-raw-{split}", coco, "/d", split, "file_name", raw=True)
+        public = fiftyone_io.ingest(f"ingest-public-{split}", coco, "/d", split, "file_name", raw=False)
+
+        def by_image(ds) -> Dict[object, dict]:
+            out = {}
+            for d in raw_docs(ds, split).values():
+                d = {k: v for k, v in d.items() if k not in ("_id", "_rand", "_dataset_id", "created_at",
+                                                             "last_modified_at")}
+                for det in d["ground_truth"]["detections"]:
+                    det.pop("_id")
+                out[d["image_id"]] = d
+            return out
+
+        a, b = by_image(raw), by_image(public)
+        assert len(a) == len(coco.images) and a == b, first_diff(a, b)
+        assert all(0.999 <= d["_rand"] < 1 and d["_media_type"] == "image" for d in raw_docs(raw, split).values())
+        assert raw.get_field_schema(flat=True).keys() == public.get_field_schema(flat=True).keys()
+        sample = raw.match_tags(split).last()  # a raw-written sample, read through FiftyOne's own classes
+        assert sample.ground_truth.detections[0].annotation_id in {a.id for a in coco.annotations}
+        assert fiftyone_io.ingest(raw.name, coco, "/d", split, "file_name", raw=True) and len(raw) == len(a)

@@ -186,7 +186,7 @@ def test_embeddings_visualization_of_the_winner(fiftyone_db, inputs, tmp_path):
     assert info["embedded_rois"] == n
     results = ds.load_brain_results("eval_model_train_embeddings")
     assert results.points.shape == (n, 2) and np.isfinite(results.points).all()
-    assert results.config.patches_field == "ground_truth" and results.config.method == "umap"
+    assert results.config.patches_field == "ground_truth" and results.config.method == "manual"  # our UMAP points
     # coloured by true label in the App: points of one predicted class (one cluster centre) lie together
     labels = np.array(ds.match(F("split") == "train").values("model_predictions.detections.label", unwind=True))
     spread = np.mean([results.points[labels == c].std(axis=0).mean() for c in set(labels) if (labels == c).sum() > 5])

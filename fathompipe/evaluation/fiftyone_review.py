@@ -11,9 +11,13 @@ visualization of the ground-truth patches, recomputed on every run under the sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-UMAP_MIN_POINTS = 30  # below this UMAP's default 15 neighbours describe little: PCA instead
+if TYPE_CHECKING:
+    import numpy as np
+
+UMAP_MIN_POINTS = 30  # below this UMAP's 15 neighbours describe little: PCA instead
+UMAP_NEIGHBOURS = 15  # umap-learn's (and FiftyOne Brain's) default
 PCA_DIMS_BEFORE_UMAP = 50  # UMAP's neighbour search grows with the dimension; 50 components keep neighbourhoods
 
 
@@ -48,8 +52,8 @@ def brain_key(eval_key: str) -> str:
 
 def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = None) -> Dict[str, object]:
     """A 2-D visualization of the ground-truth patches that have an embedding, under brain run `key`
-    (replaced if present; other brain runs kept). UMAP when umap-learn is installed and there are enough
-    points, else PCA. No seed by default: umap-learn runs on one thread when seeded."""
+    (replaced if present; other brain runs kept). The points come from `map_2d` and are stored as a Brain run
+    of precomputed points (its method reads `manual`), which the App's Embeddings panel draws like any other."""
     import fiftyone.brain as fob
     import numpy as np
     from fiftyone import ViewField as F
@@ -61,20 +65,34 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = N
     roi_view = view.filter_labels("ground_truth", F("annotation_id").is_in(sorted(present)))
     per_sample = roi_view.values("ground_truth.detections.annotation_id")  # samples without any are filtered out
     order = np.asarray([aid for aids in per_sample for aid in aids], np.int64)
-    vectors = emb[np.searchsorted(ids, order)].astype(np.float32)
-    method = "umap" if len(vectors) >= UMAP_MIN_POINTS and umap_available() else "pca"
-    if method == "umap" and vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
-        from sklearn.decomposition import PCA
-        vectors = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit_transform(vectors)
     if key in ds.list_brain_runs():
         ds.delete_brain_run(key)
-    if len(vectors) < 2:
-        return {"brain_key": None, "embedded_rois": int(len(vectors)), "visualization": "none (fewer than 2 ROIs)"}
-    # with patches_field, FiftyOne Brain takes one (patches, dims) array per sample
-    by_sample = dict(zip(roi_view.values("id"), np.split(vectors, np.cumsum([len(a) for a in per_sample])[:-1])))
-    fob.compute_visualization(roi_view, patches_field="ground_truth", embeddings=by_sample, method=method,
-                              num_dims=2, brain_key=key, seed=seed, verbose=False, progress=False)
-    return {"brain_key": key, "embedded_rois": int(len(vectors)), "visualization": method}
+    if len(order) < 2:
+        return {"brain_key": None, "embedded_rois": int(len(order)), "visualization": "none (fewer than 2 ROIs)"}
+    points, method = map_2d(emb[np.searchsorted(ids, order)].astype(np.float32), seed)
+    # with patches_field, FiftyOne Brain takes the points of every patch in the view's order, which `order` is
+    fob.compute_visualization(roi_view, patches_field="ground_truth", points=points, brain_key=key, progress=False)
+    return {"brain_key": key, "embedded_rois": int(len(order)), "visualization": method}
+
+
+def map_2d(vectors, seed: Optional[int] = None) -> Tuple["np.ndarray", str]:
+    """(points (N, 2), method). UMAP when umap-learn is installed and there are enough points: on 50 PCA
+    components, from sklearn's exact 15-nearest-neighbour graph, so umap-learn skips pynndescent, whose numba
+    compilation in every fresh job cost more than the map itself (bench/evaluate.py). Else PCA.
+    No seed by default: umap-learn runs on one thread when seeded."""
+    from sklearn.decomposition import PCA
+
+    if len(vectors) < UMAP_MIN_POINTS or not umap_available():
+        return PCA(2, random_state=0).fit_transform(vectors), "pca"
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    if vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
+        vectors = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit_transform(vectors)
+    distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(vectors).kneighbors(vectors)
+    reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
+                        random_state=seed)
+    return reducer.fit_transform(vectors), "umap"
 
 
 def umap_available() -> bool:
