@@ -1,17 +1,16 @@
-"""Evaluate benchmark: the whole evaluate stage on a train-sized split (8,980 samples, 23,699 ROIs), main's
-original stage beside today's, part by part, in one run on one private mongod; then (`--imports`) the
-prediction import paths.
+"""Evaluate benchmark: the whole evaluate stage on a train-sized split (8,980 samples, 23,699 ROIs), the original
+stage beside today's, part by part, in one run on one private mongod; then (`--imports`) the prediction import paths.
 
     python bench/evaluate.py              # the stage, original vs new
     python bench/evaluate.py --imports    # also: import paths against FiftyOne's bulk API and the per-sample loop
 
-The original is the stage as issue 13 found it (commit ORIGINAL, `git archive ORIGINAL fathompipe`, imported as the
-package `fathompipe_main`),
-run through the same steps as its `evaluate.run`: scoring and report, ingest, import, `evaluate_detections`,
-the saved view. The new stage adds mistakenness, review views and the embeddings visualization (1,024-d
-embeddings beside the predictions, as the infer stage writes them) and stores the evaluation from the known
-ROI pairs (fathompipe/evaluation/fiftyone_eval.py). Data: the real train split's ids and labels
-(shared/data/fathomnet2025/train_annotation_labels.csv) with synthetic boxes, predictions and embeddings.
+The original is the stage as issue 13 found it (commit ORIGINAL, unpacked with `git archive` and imported as the
+package `fathompipe_main`), run through the same steps as its `evaluate.run`: scoring and report, ingest, import,
+`evaluate_detections`, the saved view. The new stage adds mistakenness, review views and the embeddings
+visualization (1,024-d embeddings beside the predictions, as the infer stage writes them, mapped to 2-D with an
+empty numba cache, as in a node's first evaluate job) and stores the evaluation from the known ROI pairs
+(fathompipe/evaluation/fiftyone_eval.py). Data: the real train split's ids and labels
+(fathompipe/data/train_annotation_labels.csv) with synthetic boxes, predictions and embeddings.
 """
 from __future__ import annotations
 
@@ -36,6 +35,8 @@ DATA = ROOT / "fathompipe" / "data"  # the shipped reference data: test split, t
 
 
 def main() -> None:
+    # an empty numba cache: the new stage's 2-D map as the first evaluate job on a node meets it, all compiled anew
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fathompipe-bench-numba-")
     from support.mongod import PrivateMongod
     mongod = PrivateMongod()
     os.environ["FIFTYONE_DATABASE_URI"] = mongod.uri

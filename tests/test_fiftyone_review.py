@@ -193,6 +193,35 @@ def test_embeddings_visualization_of_the_winner(fiftyone_db, inputs, tmp_path):
     assert spread < results.points.std(axis=0).mean() / 2
 
 
+def test_embeddings_map_leaves_out_rois_without_an_embedding(fiftyone_db, inputs, tmp_path):
+    """ROIs the infer stage skipped (no embedding) and detections added by hand (no annotation id) get no point;
+    every other point sits on its own ROI's patch."""
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    from fathompipe.embeddings import load_embeddings
+    from fathompipe.evaluation import fiftyone_review
+
+    ds = ingest_like_researchers("review-partial", {"train": inputs["train"]})
+    ids, emb = load_embeddings(OutputFiles(inputs["predictions"].with_suffix(".csv")).embeddings)
+    keep = np.arange(len(ids)) % 7 != 0
+    partial = tmp_path / "partial.embeddings.npz"
+    np.savez(partial, annotation_id=ids[keep], embeddings=emb[keep])
+    sample = ds.match(F("split") == "train").first()
+    sample.ground_truth.detections.append(fo.Detection(label="Fish", bounding_box=[0.1, 0.1, 0.2, 0.2]))
+    sample.save()
+    view = fiftyone_io.split_view(ds, "train")
+    info = fiftyone_review.visualize(ds, view, partial, "partial")
+    results = ds.load_brain_results("partial")
+    aid_of = {d.id: getattr(d, "annotation_id", None) for dets in view.values("ground_truth.detections") for d in dets}
+    assert info["embedded_rois"] == keep.sum() == len(results.points) == len(results.label_ids)
+    assert sorted(aid_of[i] for i in results.label_ids) == sorted(ids[keep].tolist())
+    predicted = load_predictions(inputs["predictions"])["concept_name"].to_dict()
+    labels = np.array([predicted[aid_of[i]] for i in results.label_ids])
+    spread = np.mean([results.points[labels == c].std(axis=0).mean() for c in set(labels) if (labels == c).sum() > 5])
+    assert spread < results.points.std(axis=0).mean() / 2
+
+
 def listening(port: int) -> Set[str]:
     """Local addresses with a socket in LISTEN state on `port` (/proc/net/tcp and tcp6)."""
     found = set()

@@ -10,6 +10,7 @@ visualization of the ground-truth patches, recomputed on every run under the sam
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -61,10 +62,12 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = N
     from fathompipe.embeddings import load_embeddings
 
     ids, emb = load_embeddings(embeddings_path)
-    present = set(view.values("ground_truth.detections.annotation_id", unwind=True)) & set(ids.tolist())
-    roi_view = view.filter_labels("ground_truth", F("annotation_id").is_in(sorted(present)))
-    per_sample = roi_view.values("ground_truth.detections.annotation_id")  # samples without any are filtered out
-    order = np.asarray([aid for aids in per_sample for aid in aids], np.int64)
+    known = set(ids.tolist())
+    in_view = [aid for aids in view.values("ground_truth.detections.annotation_id") for aid in aids or []]
+    missing = set(in_view) - known  # ROIs without an embedding: skipped by infer, or added by hand (None)
+    roi_view = view.filter_labels("ground_truth", F("annotation_id").exists() & ~F("annotation_id").is_in(
+        sorted(missing - {None}))) if missing else view
+    order = np.asarray([aid for aid in in_view if aid in known], np.int64)  # the patches of roi_view, in order
     if key in ds.list_brain_runs():
         ds.delete_brain_run(key)
     if len(order) < 2:
@@ -87,12 +90,30 @@ def map_2d(vectors, seed: Optional[int] = None) -> Tuple["np.ndarray", str]:
     import umap
     from sklearn.neighbors import NearestNeighbors
 
+    _cache_umap_compilation()
+
     if vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
         vectors = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit_transform(vectors)
     distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(vectors).kneighbors(vectors)
     reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
                         random_state=seed)
-    return reducer.fit_transform(vectors), "umap"
+    with warnings.catch_warnings():  # "transform will be unavailable": we never transform new data
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+        return reducer.fit_transform(vectors), "umap"
+
+
+def _cache_umap_compilation() -> None:
+    """Let numba keep umap-learn's compiled functions on disk (`enable_caching`, what `cache=True` does), so only
+    the first evaluate job on a kind of node pays for compiling them, not every job."""
+    import umap.layouts
+    import umap.umap_
+    import umap.utils
+    from numba.core.registry import CPUDispatcher
+
+    for module in (umap.umap_, umap.layouts, umap.utils):
+        for function in vars(module).values():
+            if isinstance(function, CPUDispatcher):
+                function.enable_caching()
 
 
 def umap_available() -> bool:
