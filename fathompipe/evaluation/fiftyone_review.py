@@ -97,9 +97,16 @@ def map_2d(vectors, seed: Optional[int] = None) -> Tuple["np.ndarray", str]:
     distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(vectors).kneighbors(vectors)
     reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
                         random_state=seed)
-    with warnings.catch_warnings():  # "transform will be unavailable": we never transform new data
-        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+    with warnings.catch_warnings():  # "transform will be unavailable" (we never transform new data), and a graph of
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)  # separate clusters
+        warnings.filterwarnings("ignore", message="Graph is not fully connected", category=UserWarning)
         return reducer.fit_transform(vectors), "umap"
+
+
+def warm_map_cache() -> None:
+    """Run `map_2d` once on random vectors (setup.sh): the same compiled functions as a real map, now on disk."""
+    import numpy as np
+    map_2d(np.random.default_rng(0).normal(size=(4 * UMAP_MIN_POINTS, 2 * PCA_DIMS_BEFORE_UMAP)).astype(np.float32))
 
 
 def _cache_umap_compilation() -> None:
