@@ -48,7 +48,7 @@ def ingest(name: str, dataset: CocoDataset, images_dir: str, split: str, naming:
     `image_id` among that split's samples only. One sample goes through `add_samples`, which declares the
     schema (split, image_id, ground_truth and its dynamic `annotation_id`); the rest are written as plain
     documents where raw writes are allowed (`raw=None`: `raw_writes_allowed()`), else through `add_samples`
-    without re-deriving the schema per sample (where its time went: ~50% schema merging, ~25% validation)."""
+    without re-deriving the schema per sample (where most of its time went)."""
     import fiftyone as fo
 
     ds = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
