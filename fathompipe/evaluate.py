@@ -98,7 +98,8 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
           f"predictions in field '{field}' ({info['write_path']})"
           + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "
              f"confident first) and '{info['mistakenness_view']}'" if labelled else "")
-          + (f", embeddings visualization '{info['brain_key']}' ({info['visualization']}, {info['embedded_rois']} ROIs)"
+          + (f", embeddings visualization '{info['brain_key']}' ({info['visualization']}, {info['embedded_rois']} "
+             f"ROIs; in the App's Embeddings panel pick it, then colour by ground_truth.detections.label)"
              if info.get("brain_key") else "")
           + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
              if imported.unmatched else "")
