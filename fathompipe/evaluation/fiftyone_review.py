@@ -97,8 +97,9 @@ def map_2d(vectors, seed: Optional[int] = None) -> Tuple["np.ndarray", str]:
     distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(vectors).kneighbors(vectors)
     reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
                         random_state=seed)
-    with warnings.catch_warnings():  # "transform will be unavailable" (we never transform new data), and a graph of
-        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)  # separate clusters
+    # expected, so kept out of job logs: no `transform` for new data (never used), and well-separated classes
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
         warnings.filterwarnings("ignore", message="Graph is not fully connected", category=UserWarning)
         return reducer.fit_transform(vectors), "umap"
 
@@ -110,8 +111,8 @@ def warm_map_cache() -> None:
 
 
 def _cache_umap_compilation() -> None:
-    """Let numba keep umap-learn's compiled functions on disk (`enable_caching`, what `cache=True` does), so only
-    the first evaluate job on a kind of node pays for compiling them, not every job."""
+    """Let numba keep umap-learn's compiled functions on disk (`enable_caching`, what `cache=True` does; numba
+    0.68, umap-learn 0.5.12), so only the first evaluate job on a kind of node pays for compiling them."""
     import umap.layouts
     import umap.umap_
     import umap.utils
