@@ -65,11 +65,11 @@ def ingest(name: str, dataset: CocoDataset, images_dir: str, split: str, naming:
     if not docs:
         return ds
     first = next((i for i, d in enumerate(docs) if d["ground_truth"]["detections"]), 0)
-    ds.add_samples([_sample(docs.pop(first))], progress=False, dynamic=True)
+    ds.add_samples([fo.Sample.from_dict(docs.pop(first))], progress=False, dynamic=True)
     if docs and (raw_writes_allowed() if raw is None else raw):
         _insert_raw(ds, docs)
     elif docs:
-        ds.add_samples([_sample(d) for d in docs], progress=False, expand_schema=False)
+        ds.add_samples([fo.Sample.from_dict(d) for d in docs], progress=False, expand_schema=False)
     return ds
 
 
@@ -86,16 +86,6 @@ def _sample_doc(dataset: CocoDataset, im, annotations: list, filepath: str, spli
     return {"filepath": filepath, "tags": [split], "split": split, "image_id": im.id,
             "metadata": {"_cls": "ImageMetadata", "width": im.width, "height": im.height},
             "ground_truth": {"_cls": "Detections", "detections": dets}}
-
-
-def _sample(doc: Dict[str, Any]):
-    import fiftyone as fo
-    gt = doc["ground_truth"]["detections"]
-    return fo.Sample(filepath=doc["filepath"], tags=doc["tags"], split=doc["split"], image_id=doc["image_id"],
-                     metadata=fo.ImageMetadata(width=doc["metadata"]["width"], height=doc["metadata"]["height"]),
-                     ground_truth=fo.Detections(detections=[
-                         fo.Detection(label=d.get("label"), bounding_box=d["bounding_box"],
-                                      annotation_id=d["annotation_id"]) for d in gt]))
 
 
 def _insert_raw(ds, docs: List[Dict[str, Any]]) -> None:
