@@ -58,6 +58,10 @@ class EvaluateSplit:
                                                               "file paths"})
     naming: str = field(default="file_name", metadata={"choices": NAMINGS})
 
+    @classmethod
+    def of(cls, source: SplitSource, predictions: str, report_dir: str) -> "EvaluateSplit":
+        return cls(source.annotations, predictions, report_dir, source.split, source.images_dir, source.naming)
+
 
 @dataclass(frozen=True)
 class EvaluateJob:

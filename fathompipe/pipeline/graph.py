@@ -144,9 +144,8 @@ class EvaluateTask:
 
 
 def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    splits = tuple(EvaluateSplit(str(getattr(cfg.data, split).annotations), str(paths.predictions(split).parquet),
-                                 str(paths.report_dir(split)), split, getattr(cfg.data, split).images_dir,
-                                 cfg.data.naming)
+    splits = tuple(EvaluateSplit.of(cfg.data.source(split), str(paths.predictions(split).parquet),
+                                    str(paths.report_dir(split)))
                    for split in cfg.data.splits)
     return [EvaluateTask(EvaluateJob(splits, cfg.evaluate))]
 
