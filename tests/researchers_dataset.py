@@ -21,6 +21,16 @@ import pandas as pd
 BUCKET = "voxel51-test"
 
 
+def train_like_subset(folder: Path, n_images: int) -> Path:
+    """folder/train.json: the first `n_images` images of a train-sized synthetic set (support.synthetic) with the
+    real train split's ids and labels, so tests start from the ids the researchers' dataset has."""
+    from conftest import DATA
+    from support.synthetic import train_like_coco
+
+    full = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", folder / "train_full.json")
+    return subset_coco(full, folder / "train.json", n_images)
+
+
 def subset_coco(source: Path, out: Path, n_images: int) -> Path:
     """The first `n_images` images (by id) of a COCO file with their annotations."""
     raw = json.loads(source.read_text())

@@ -15,8 +15,7 @@ from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run, run_job
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.evaluation.scoring import load_predictions
-from support.synthetic import train_like_coco
-from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
+from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, train_like_subset
 
 TEST_JSON = DATA / "dataset_test.json"
 WINNER = DATA / "winner_test_predictions.csv"
@@ -26,8 +25,7 @@ N_TRAIN_IMAGES = 300
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Dict[str, Path]:
     d = tmp_path_factory.mktemp("researchers")
-    full = train_like_coco(DATA / "train_annotation_labels.csv", TEST_JSON, d / "train_full.json")
-    train = subset_coco(full, d / "train.json", N_TRAIN_IMAGES)
+    train = train_like_subset(d, N_TRAIN_IMAGES)
     model_like_predictions(train, d / "train_a.parquet", seed=1)
     model_like_predictions(train, d / "train_b.parquet", seed=2)  # a second model run: other labels
     return {"train": train, "test": TEST_JSON, "train_a": d / "train_a.parquet", "train_b": d / "train_b.parquet"}

@@ -25,8 +25,7 @@ from fathompipe.evaluation import fiftyone_io
 from fathompipe.evaluation.scoring import load_predictions, score
 from fathompipe.jobs import EvaluateSplit
 from fathompipe.layout import OutputFiles
-from support.synthetic import train_like_coco
-from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, subset_coco
+from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, train_like_subset
 
 TEST_JSON = DATA / "dataset_test.json"
 N_TRAIN_IMAGES = 200
@@ -35,8 +34,7 @@ N_TRAIN_IMAGES = 200
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Dict[str, Path]:
     d = tmp_path_factory.mktemp("review")
-    full = train_like_coco(DATA / "train_annotation_labels.csv", TEST_JSON, d / "train_full.json")
-    train = subset_coco(full, d / "train.json", N_TRAIN_IMAGES)
+    train = train_like_subset(d, N_TRAIN_IMAGES)
     preds = model_like_predictions(train, d / "predictions.parquet", seed=3)
     # embeddings as the infer stage writes them: one vector per predicted ROI, near its predicted class
     rng = np.random.default_rng(0)
