@@ -67,9 +67,9 @@ def inputs(work: Path):
     coco = load_coco(ann)
     rng = np.random.default_rng(0)
     names = coco.class_names()
-    preds = pd.DataFrame({"annotation_id": [a.id for a in coco.annotations],
+    preds = pd.DataFrame({"annotation_id": [a.id for a in coco.iter_annotations()],
                           "concept_name": [coco.categories[a.category_id] if rng.random() < 0.7 else
-                                           names[rng.integers(79)] for a in coco.annotations],
+                                           names[rng.integers(79)] for a in coco.iter_annotations()],
                           "confidence": rng.uniform(0.05, 1, len(coco.annotations))})
     preds.to_parquet(work / "predictions.parquet")
     centres = rng.normal(0, 1, (79, 1024)).astype(np.float32)

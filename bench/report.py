@@ -34,22 +34,22 @@ def make_inputs(work: Path):
     names, order = ds.class_names(), taxonomic_order()
     rng = np.random.default_rng(0)
     n = len(ds.annotations)
-    truth_pos = np.array([order.index(ds.categories[a.category_id]) for a in ds.annotations])
+    truth_pos = np.array([order.index(ds.categories[a.category_id]) for a in ds.iter_annotations()])
     pos = np.clip(truth_pos + np.where(rng.random(n) < 0.85, 0, rng.choice([-2, -1, 1, 2], n)), 0, 78)
     logits = rng.normal(0, 1, (n, 79)).astype(np.float32)
     logits[np.arange(n), [names.index(order[p]) for p in pos]] += rng.uniform(1, 12, n).astype(np.float32)
     keep = rng.random(n) >= 0.01
-    ids = np.array([a.id for a in ds.annotations])
+    ids = np.array([a.id for a in ds.iter_annotations()])
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     pd.DataFrame({"annotation_id": ids[keep], "concept_name": np.array(names)[logits.argmax(1)][keep],
                   "confidence": p.max(1)[keep], "logits": list(logits[keep])}).to_parquet(work / "predictions.parquet")
-    pd.DataFrame([(a.id, a.image_id, "image missing: bench") for a, k in zip(ds.annotations, keep) if not k],
+    pd.DataFrame([(a.id, a.image_id, "image missing: bench") for a, k in zip(ds.iter_annotations(), keep) if not k],
                  columns=["annotation_id", "image_id", "reason"]).to_csv(work / "predictions.skipped.csv", index=False)
     images = work / "images"
     images.mkdir()
     Image.new("RGB", (1920, 1080), (40, 80, 120)).save(work / "one.png")
-    for im in list(ds.images.values())[::3]:
+    for im in list(ds.images)[::3]:
         os.link(work / "one.png", images / im.file_name)
     return ds, images
 

@@ -25,7 +25,8 @@ from typing import List, Optional
 from tqdm import tqdm
 
 from fathompipe import atomic
-from fathompipe.annotations import Image, load_coco, shard_images
+from fathompipe.annotation_table import read_shard
+from fathompipe.annotations import Image
 from fathompipe.cli import add_options, from_args
 from fathompipe.jobs import DownloadJob
 from fathompipe.fetch.client import Downloader
@@ -67,11 +68,10 @@ def download_shard(job: DownloadJob, progress: bool = True) -> ShardSummary:
     is left, every finished image is recorded, and the summary says INTERRUPTED.
     """
     o, naming, shard, num_shards = job.options, job.source.naming, job.shard, job.options.num_shards
-    dataset = load_coco(job.source.annotations)
+    images = read_shard(job.source.annotations, shard, num_shards)  # a run's table: this shard's rows only
     images_dir = Path(job.source.images_dir)
     state_dir = Path(job.state_dir) if job.state_dir else images_dir / ".fathompipe"
     files = ShardFiles.of(state_dir, job.name or Path(job.source.annotations).stem, shard, num_shards)
-    images = shard_images(dataset, shard, num_shards)
     summary = ShardSummary(files.key, len(images))
     t0 = time.monotonic()
     files.marker.unlink(missing_ok=True)  # re-verify; the marker is rewritten if all is still well

@@ -1,41 +1,70 @@
-"""The per-ROI embeddings file (OUT.embeddings.npz): written by the infer stage, read by the evaluate stage.
+"""The per-ROI embeddings file: written by the infer stage, read by the evaluate stage without loading it whole.
 
-One format, two arrays: `annotation_id` (N,) int64 ascending and `embeddings` (N, D) float32, row i for
-annotation_id[i]. Free of torch, so the evaluate job reads it without loading the model's stack.
+OUT.embeddings.npy: (N, D) float32, row i the vector the classifier head saw for the ROI in row i of
+OUT.parquet (ascending annotation id). At MBARI's size that is 2M x 1024 floats, 8.2 GB: it is written
+row by row with positional writes and read memory-mapped, so neither side holds it in memory. float32, not
+float16: the head applied to a stored row gives the saved logits back to 1e-5, and float16 would halve
+only the disk. Runs of an earlier version wrote OUT.embeddings.npz (`annotation_id` and `embeddings`),
+still read here. Free of torch, so the evaluate job reads it without loading the model's stack.
 """
 from __future__ import annotations
 
-import io
+import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 
-from fathompipe import atomic
+
+class RowFile:
+    """An .npy array of shape (rows, cols) filled row by row at any position with `pwrite`: nothing is mapped into
+    the writer's memory, however large the file."""
+
+    def __init__(self, path: Path, rows: int, cols: int, dtype: np.dtype | type = np.float32):
+        self.dtype = np.dtype(dtype)
+        self.cols = cols
+        self.fh = open(path, "r+b" if path.exists() else "w+b")
+        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                       "fortran_order": False, "shape": (rows, cols)})
+        self.offset = self.fh.tell()
+        self.row_bytes = cols * self.dtype.itemsize
+        os.ftruncate(self.fh.fileno(), self.offset + rows * self.row_bytes)
+
+    def write(self, positions: np.ndarray, rows: np.ndarray) -> None:
+        """rows[k] goes to row positions[k]; consecutive positions are written in one call."""
+        order = np.argsort(positions, kind="stable")
+        positions, rows = positions[order], np.ascontiguousarray(rows[order], dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        for run in np.split(np.arange(len(positions)), breaks):
+            if len(run):
+                os.pwrite(self.fh.fileno(), rows[run[0]:run[-1] + 1].tobytes(),
+                          self.offset + int(positions[run[0]]) * self.row_bytes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1, read (not mapped)."""
+        data = os.pread(self.fh.fileno(), (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(stop - start, self.cols)
+
+    def close(self) -> None:
+        self.fh.close()
 
 
-def write_embeddings(path: Path, ids: List[np.ndarray], embeddings: List[np.ndarray]) -> int:
-    """OUT.embeddings.npz: `annotation_id` (ascending) and `embeddings` (N, D) float32, row i for id i."""
-    if not ids:
-        path.unlink(missing_ok=True)  # none asked for (infer.embeddings=false): no stale file from an earlier run
-        return 0
-    ann_id = np.concatenate(ids)
-    order = np.argsort(ann_id, kind="stable")
-    buf = io.BytesIO()
-    np.savez(buf, annotation_id=ann_id[order], embeddings=np.concatenate(embeddings)[order])
-    atomic.write_bytes(path, buf.getvalue())
-    return len(ann_id)
-
-
-def load_embeddings(path: str | Path) -> Tuple["np.ndarray", "np.ndarray"]:
-    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32) from OUT.embeddings.npz."""
+def load_embeddings(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
+    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32), the embeddings memory-mapped when the file
+    is an OUT.embeddings.npy (the ids then come from OUT.parquet beside it)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"embeddings {path} do not exist (the infer stage writes them beside its predictions)")
-    with np.load(path) as z:
-        if not {"annotation_id", "embeddings"} <= set(z.files):
-            raise ValueError(f"{path}: expected arrays annotation_id and embeddings, found {sorted(z.files)}")
-        ids, emb = z["annotation_id"], z["embeddings"]
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if not {"annotation_id", "embeddings"} <= set(z.files):
+                raise ValueError(f"{path}: expected arrays annotation_id and embeddings, found {sorted(z.files)}")
+            ids, emb = z["annotation_id"], z["embeddings"]
+    else:
+        import pyarrow.parquet as pq
+        parquet = path.with_name(path.name.removesuffix(".embeddings.npy") + ".parquet")
+        ids = pq.read_table(parquet, columns=["annotation_id"])["annotation_id"].to_numpy()
+        emb = np.load(path, mmap_mode="r")
     if emb.ndim != 2 or len(ids) != len(emb):
         raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match {len(ids)} annotation ids")
     return ids, emb

@@ -8,13 +8,12 @@ ROIs are grouped by image into a fixed plan of batches; DataLoader workers decod
 cut all its crops; the whole-image context is encoded once per image. Every finished batch is saved
 atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
 where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
-are merged into OUT.csv (competition format), OUT.parquet (confidence, top-5, logits) and
-OUT.embeddings.npz (per ROI, the vector the classifier head sees; fathompipe/embeddings.py).
+are merged (fathompipe/predictions.py, in bounded memory) into OUT.csv (competition format), OUT.parquet
+(confidence, top-5, logits) and OUT.embeddings.npy (per ROI, the vector the classifier head sees).
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import json
 import os
@@ -26,24 +25,21 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fathompipe import atomic
-from fathompipe.annotations import Annotation, CocoDataset, Image, load_coco, shard_images
+from fathompipe.annotations import Annotation, Coco, Image, load_coco
 from fathompipe.cli import add_options, from_args
-from fathompipe.embeddings import write_embeddings
 from fathompipe.model.slim import CheckpointError, read_meta
 from fathompipe.model.weights import export_slim, load_model
 from fathompipe.jobs import InferJob
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
 from fathompipe.layout import OutputFiles, SlimFiles
 from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
+from fathompipe.predictions import merge
 
-TOPK = 5
 # Measured (BENCHMARKS.md): on a GPU, fp16 autocast agrees with fp32 and is the fastest such mode.
 GPU_DEFAULT_PRECISION = "fp16"
 
@@ -56,19 +52,17 @@ class Item:
     annotations: Tuple[Annotation, ...]
 
 
-def plan_batches(dataset: CocoDataset, images: Sequence[Image], batch_size: int) -> List[List[Item]]:
+def plan_batches(dataset: Coco, images: Sequence[Image], batch_size: int) -> List[List[Item]]:
     """A deterministic batch plan: images in id order, each batch at most `batch_size` ROIs.
 
     The plan depends only on the annotation file, the shard and the batch size, so batch i is the same
     ROIs in every run: resuming skips finished batches and recomputes nothing."""
-    by_image: Dict[int, List[Annotation]] = {}
-    for ann in dataset.annotations:
-        by_image.setdefault(ann.image_id, []).append(ann)
+    by_image = dataset.rois_of([image.id for image in images])
     batches: List[List[Item]] = []
     current: List[Item] = []
     count = 0
     for image in images:
-        anns = sorted(by_image.get(image.id, []), key=lambda a: a.id)
+        anns = by_image.get(image.id, [])
         for start in range(0, len(anns), batch_size):
             chunk = tuple(anns[start:start + batch_size])
             if count + len(chunk) > batch_size and current:
@@ -211,14 +205,14 @@ def _save_part(path: Path, batch: Dict[str, object], logits: torch.Tensor, embed
     atomic.write_bytes(path, buf.getvalue())
 
 
-def run_shard(job: InferJob, model_files: SlimFiles, dataset: CocoDataset, out: OutputFiles,
+def run_shard(job: InferJob, model_files: SlimFiles, dataset: Coco, out: OutputFiles,
               progress: bool = True) -> Dict[str, int]:
     """Compute every batch of this shard that has no part file yet."""
     o, shard, num_shards, batch_size, num_workers = job.options, job.shard, job.options.shards, \
         job.options.batch_size, job.options.num_workers
     dev = resolve_device(o.device)
     prec = resolve_precision(o.precision, dev)
-    images = shard_images(dataset, shard, num_shards)
+    images = dataset.shard(shard, num_shards)
     plan = plan_batches(dataset, images, batch_size)
     todo = [i for i in range(len(plan)) if not out.part(shard, i).exists()]
     n_rois = sum(len(it.annotations) for b in plan for it in b)
@@ -267,67 +261,6 @@ def run_shard(job: InferJob, model_files: SlimFiles, dataset: CocoDataset, out: 
     return counts
 
 
-def merge(dataset: CocoDataset, out: OutputFiles, class_names: Sequence[str], num_shards: int,
-          split: str) -> Optional[Dict[str, int]]:
-    """Once every shard is done, write OUT.parquet, OUT.embeddings.npz, OUT.skipped.csv and, last
-    (the stage's completion test), OUT.csv, each atomically."""
-    out.parts.mkdir(parents=True, exist_ok=True)
-    with open(out.merge_lock, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
-            return None
-        ids, image_ids, logits, notes, skipped = [], [], [], [], []
-        emb_ids, embeddings = [], []
-        for part in out.all_parts():
-            with np.load(part) as z:
-                ids.append(z["annotation_id"])
-                image_ids.append(z["image_id"])
-                logits.append(z["logits"])
-                notes += z["note"].tolist()
-                skipped += [json.loads(s) for s in z["skipped"].tolist()]
-                if "embeddings" in z.files:  # parts written before embeddings were saved have none
-                    emb_ids.append(z["annotation_id"])
-                    embeddings.append(z["embeddings"])
-        ann_id = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        order = np.argsort(ann_id, kind="stable")
-        ann_id = ann_id[order]
-        if len(np.unique(ann_id)) != len(ann_id):
-            raise RuntimeError(f"{out.parts}: duplicate annotation ids across parts (mixed runs?); delete it and rerun")
-        img = np.concatenate(image_ids)[order] if ids else np.empty(0, np.int64)
-        lg = np.concatenate(logits)[order] if ids else np.empty((0, len(class_names)), np.float32)
-        note = [notes[i] for i in order]
-        names = np.asarray(class_names)
-        probs = torch.softmax(torch.from_numpy(lg), dim=1)
-        top_p, top_i = probs.topk(min(TOPK, len(class_names)), dim=1)
-        pred = names[top_i[:, 0].numpy()] if len(ann_id) else np.empty(0, str)
-        labels = {a.id: dataset.categories[a.category_id] for a in dataset.annotations if a.category_id is not None}
-        table = pa.table({
-            "annotation_id": pa.array(ann_id, pa.int64()),
-            "image_id": pa.array(img, pa.int64()),
-            "split": pa.array([split] * len(ann_id), pa.string()),
-            "concept_name": pa.array(pred.tolist(), pa.string()),
-            "confidence": pa.array(top_p[:, 0].numpy(), pa.float32()),
-            "top5_names": pa.array([names[r].tolist() for r in top_i.numpy()], pa.list_(pa.string())),
-            "top5_scores": pa.array([r.tolist() for r in top_p.numpy()], pa.list_(pa.float32())),
-            "logits": pa.array(list(lg), pa.list_(pa.float32())),
-            "label": pa.array([labels.get(a) for a in ann_id.tolist()], pa.string()),
-            "note": pa.array(note, pa.string()),
-        })
-        with atomic.atomic_path(out.parquet) as tmp:
-            pq.write_table(table, tmp)
-        n_embedded = write_embeddings(out.embeddings, emb_ids, embeddings)
-        skipped.sort()
-        atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
-                          "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
-        csv = "annotation_id,concept_name\n" + "".join(f"{a},{_csv_field(n)}\n" for a, n in zip(ann_id.tolist(), pred))
-        atomic.write_text(out.csv, csv)
-        return {"predicted": len(ann_id), "skipped": len(skipped), "embedded": n_embedded}
-
-
-def _csv_field(value: str) -> str:
-    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
-
-
 def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> SlimFiles:
     """Accept the Lightning .ckpt (slim files made or reused beside it) or the slim .safetensors."""
     path = Path(checkpoint)
@@ -341,21 +274,21 @@ def slim_files(checkpoint: str | Path, encoder_config: Optional[str | Path]) -> 
 
 def run(job: InferJob, progress: bool = True) -> Optional[Dict[str, int]]:
     """One shard of the stage (the callable the driver submits); merges when it is the last."""
-    dataset = load_coco(job.source.annotations)
+    dataset = load_coco(job.source.annotations)  # a run's annotation table: its columns, no JSON parse
     files = slim_files(job.checkpoint, job.options.encoder_config)
     out = OutputFiles(Path(job.output))
     if not out.shard_marker(job.shard, job.options.shards).exists():
         run_shard(job, files, dataset, out, progress)
     class_names = read_meta(files)["spec"]["class_names"]
-    merged = merge(dataset, out, class_names, job.options.shards, job.source.split)
+    merged = merge(dataset, out, class_names, job.options.shards, job.source.split, job.options.embeddings)
     if merged is not None:
-        kept = f"embeddings in {out.embeddings}" if job.options.embeddings else "no embeddings (infer.embeddings=false)"
+        kept = f"embeddings in {out.embeddings}" if merged["embedded"] else "no embeddings" + (
+            "" if job.options.embeddings else " (infer.embeddings=false)")
         print(f"wrote {out.csv} and {out.parquet}: {merged['predicted']} predictions; "
               f"{merged['skipped']} ROIs skipped (listed in {out.skipped}); {kept}", flush=True)
         if job.options.embeddings and merged["embedded"] < merged["predicted"]:
-            print(f"note: {merged['predicted'] - merged['embedded']} predictions come from batches computed before "
-                  f"fathompipe saved embeddings and have none; for all of them, delete {out.parts} and rerun",
-                  flush=True)
+            print(f"note: no embeddings written: some batches were computed by a version that did not save them; "
+                  f"for embeddings, delete {out.parts} and rerun", flush=True)
     return merged
 
 

@@ -2,8 +2,9 @@
 
     RUN/config.yaml, run.json, .lock          the resolved configuration and what was submitted (RunPaths)
     RUN/logs/<stage>/                         submitit's scripts, pickles and logs
+    RUN/annotations/<split>/                  the split's annotation file parsed once, as columns (annotation_table)
     RUN/download/<split>-<shard>-of-<n>.jsonl one record per image; `.done` beside it when the shard is finished
-    RUN/infer/<split>/predictions.csv         and .parquet, .embeddings.npz, .skipped.csv, .parts/ (OutputFiles)
+    RUN/infer/<split>/predictions.csv         and .parquet, .embeddings.npy, .skipped.csv, .parts/ (OutputFiles)
     RUN/evaluate/<split>/evaluate.done        after the report and the FiftyOne import (evaluate_marker)
     <checkpoint>.inference.safetensors/.json  the slim weights beside the checkpoint (SlimFiles)
 
@@ -56,6 +57,10 @@ class RunPaths:
     def state(self, stage: str) -> Path:
         """Per-task records and completion markers of a stage."""
         return self.root / stage
+
+    def annotation_table(self, split: str) -> Path:
+        """The split's annotation file as the run's tasks read it: parsed once at submit (annotation_table.py)."""
+        return self.root / "annotations" / split
 
     def shard_files(self, split: str, shard: int, num_shards: int) -> "ShardFiles":
         return ShardFiles.of(self.state("download"), split, shard, num_shards)
@@ -115,6 +120,12 @@ class OutputFiles:
 
     @property
     def embeddings(self) -> Path:
+        """Row i: the embedding of the ROI in row i of the parquet (fathompipe/embeddings.py)."""
+        return self.csv.with_name(self.csv.stem + ".embeddings.npy")
+
+    @property
+    def legacy_embeddings(self) -> Path:
+        """Where runs of an earlier version wrote the embeddings (with their annotation ids); still read."""
         return self.csv.with_name(self.csv.stem + ".embeddings.npz")
 
     @property

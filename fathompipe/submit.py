@@ -84,7 +84,8 @@ def main(argv: List[str] | None = None) -> int:
             print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep,
                                 comment=job_comment(paths.root)))
     existing = paths.run_json.exists() and not args.dry_run
-    errors = preflight(cfg, paths, source, {} if existing else None)  # a resume's scripts: checked below
+    # a resume's scripts are checked below; the annotation tables are cut here, unless this is a dry run
+    errors = preflight(cfg, paths, source, {} if existing else None, write_tables=not args.dry_run)
     if errors:
         print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import DATA
-from fathompipe.annotations import AnnotationError, load_coco, shard_images
+from fathompipe.annotations import AnnotationError, load_coco
 
 
 def test_real_test_split_loads_unlabelled():
@@ -53,16 +53,16 @@ def test_not_json(tmp_path):
 
 def test_shards_partition_and_are_stable(tmp_path):
     ds = load_coco(DATA / "dataset_test.json")
-    shards = [shard_images(ds, i, 7) for i in range(7)]
+    shards = [ds.shard(i, 7) for i in range(7)]
     ids = [im.id for s in shards for im in s]
-    assert sorted(ids) == sorted(ds.images) and len(ids) == len(set(ids))
+    assert sorted(ids) == ds.images.id.tolist() and len(ids) == len(set(ids))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
     # stable: a function of the id set alone, whatever the order of images in the file
     raw = json.loads((DATA / "dataset_test.json").read_text())
     raw["images"].reverse()
     shuffled = tmp_path / "reversed.json"
     shuffled.write_text(json.dumps(raw))
-    assert [im.id for im in shard_images(load_coco(shuffled), 3, 7)] == [im.id for im in shards[3]]
+    assert [im.id for im in load_coco(shuffled).shard(3, 7)] == [im.id for im in shards[3]]
 
 
 def test_train_sized_file_validates(tmp_path):

@@ -34,10 +34,10 @@ def test_realistic_faults_leave_every_servable_image_intact(tmp_path, fake_fatho
     summary = download_shard(DownloadJob(SplitSource(ann, images),
                                          DownloadConfig(num_shards=1, max_attempts=10, **FAST)), progress=False)
     ds = load_coco(ann)
-    missing = {im.file_name for im in ds.images.values() if server.is_missing(im.file_name)}
+    missing = {im.file_name for im in ds.images if server.is_missing(im.file_name)}
     assert summary.complete and summary.total == 325
     assert summary.missing == len(missing) > 0 and summary.ok == 325 - len(missing)
-    for im in ds.images.values():
+    for im in ds.images:
         local = images / im.file_name
         if im.file_name in missing:
             assert not local.exists()
@@ -123,7 +123,7 @@ def test_retry_after_and_read_timeout(tmp_path, script, check):
 def test_existing_files_adopted_or_replaced_and_image_id_naming(tmp_path, fake_fathomnet):
     server, ann = fake_fathomnet(DATA / "dataset_test.json", limit=6)
     ds = load_coco(ann)
-    ims = sorted(ds.images.values(), key=lambda i: i.id)
+    ims = sorted(ds.images, key=lambda i: i.id)
     images = tmp_path / "img"
     images.mkdir()
     good, bad = ims[0], ims[1]

@@ -38,7 +38,7 @@ def train_like(tmp_path_factory):
     names = ds.class_names()
     rng = np.random.default_rng(0)
     rows = []
-    for a in ds.annotations:
+    for a in ds.iter_annotations():
         truth = ds.categories[a.category_id]
         r = rng.random()
         if r < 0.002:
@@ -56,11 +56,11 @@ def test_labelled_metrics_follow_the_official_rule(train_like, tmp_path):
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     matrix = official_matrix()
     by_id = dict(zip(preds.annotation_id, preds.concept_name))
-    expected = [matrix.get((ds.categories[a.category_id], by_id.get(a.id)), 12) for a in ds.annotations]
+    expected = [matrix.get((ds.categories[a.category_id], by_id.get(a.id)), 12) for a in ds.iter_annotations()]
     assert m["mean_hierarchical_distance"] == pytest.approx(np.mean(expected), abs=1e-12)
     assert m["n_annotations"] == 23699 and m["n_missing_predictions"] == 23699 - len(preds)
     assert m["n_unknown_names"] == int((preds.concept_name == "Not A Taxon").sum()) > 0
-    correct = sum(by_id.get(a.id) == ds.categories[a.category_id] for a in ds.annotations)
+    correct = sum(by_id.get(a.id) == ds.categories[a.category_id] for a in ds.iter_annotations())
     assert m["accuracy"] == pytest.approx(correct / 23699)
     assert set(m["accuracy_per_rank"]) == {"phylum", "class", "order", "family", "genus", "species"}
     assert m["accuracy_per_rank"]["phylum"]["accuracy"] >= m["accuracy_per_rank"]["species"]["accuracy"]
@@ -125,7 +125,7 @@ def test_train_sized_dataset_with_evaluation_and_saved_view(fiftyone_db, train_l
     assert "eval_winner_train" in ds.list_evaluations()
     results = ds.load_evaluation_results("eval_winner_train")
     wrong = int((preds.concept_name != preds.annotation_id.map(
-        {a.id: ds_coco.categories[a.category_id] for a in ds_coco.annotations})).sum())
+        {a.id: ds_coco.categories[a.category_id] for a in ds_coco.iter_annotations()})).sum())
     view = ds.load_saved_view("eval_winner_train-disagreements")
     assert len(view) == wrong  # every disagreement, as a ground-truth patch carrying its prediction
     conf = view.values("ground_truth.predicted_confidence")

@@ -65,7 +65,7 @@ def without_timestamps(docs: Dict[object, dict]) -> Dict[object, dict]:
 
 def check_predictions_sit_on_their_annotations(ds, split: str, coco_json: Path, predictions: Path) -> int:
     coco = load_coco(coco_json)
-    image_of = {a.id: a.image_id for a in coco.annotations}
+    image_of = {a.id: a.image_id for a in coco.iter_annotations()}
     expected = load_predictions(predictions)["concept_name"].to_dict()
     n = 0
     for sample in ds.match_tags([split, "val"] if split == "train" else split).select_fields(
@@ -153,7 +153,7 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
     # the stage's evaluation follows the new predictions, not the first ones
     b = load_predictions(inputs["train_b"])["concept_name"]
     coco = load_coco(inputs["train"])
-    truth = {a.id: coco.categories[a.category_id] for a in coco.annotations}
+    truth = {a.id: coco.categories[a.category_id] for a in coco.iter_annotations()}
     wrong_b = sum(b[aid] != truth[aid] for aid in b.index)
     assert ds.count_values("model_predictions.detections.eval_model_train").get("fp", 0) == wrong_b
     assert len(ds.load_saved_view("eval_model_train-disagreements")) == wrong_b
@@ -292,5 +292,5 @@ def test_raw_and_public_ingest_store_the_same_samples(fiftyone_db, inputs):
         assert all(0.999 <= d["_rand"] < 1 and d["_media_type"] == "image" for d in raw_docs(raw, split).values())
         assert raw.get_field_schema(flat=True).keys() == public.get_field_schema(flat=True).keys()
         sample = raw.match_tags(split).last()  # a raw-written sample, read through FiftyOne's own classes
-        assert sample.ground_truth.detections[0].annotation_id in {a.id for a in coco.annotations}
+        assert sample.ground_truth.detections[0].annotation_id in {a.id for a in coco.iter_annotations()}
         assert fiftyone_io.ingest(raw.name, coco, "/d", split, "file_name", raw=True) and len(raw) == len(a)

@@ -36,13 +36,13 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
     d = tmp_path_factory.mktemp("review")
     train = train_like_subset(d, N_TRAIN_IMAGES)
     preds = model_like_predictions(train, d / "predictions.parquet", seed=3)
-    # embeddings as the infer stage writes them: one vector per predicted ROI, near its predicted class
+    # embeddings in the format of an earlier version (still read): one vector per predicted ROI, near its class
     rng = np.random.default_rng(0)
     centres = {name: rng.normal(0, 1, 64) for name in preds["concept_name"].unique()}
     vectors = np.stack([centres[n] + rng.normal(0, 0.3, 64) for n in preds["concept_name"]]).astype(np.float32)
     order = np.argsort(preds["annotation_id"].to_numpy())
-    np.savez(OutputFiles(d / "predictions.csv").embeddings, annotation_id=preds["annotation_id"].to_numpy()[order],
-             embeddings=vectors[order])
+    np.savez(OutputFiles(d / "predictions.csv").legacy_embeddings,
+             annotation_id=preds["annotation_id"].to_numpy()[order], embeddings=vectors[order])
     return {"train": train, "predictions": d / "predictions.parquet"}
 
 
@@ -201,7 +201,7 @@ def test_embeddings_map_leaves_out_rois_without_an_embedding(fiftyone_db, inputs
     from fathompipe.evaluation import fiftyone_review
 
     ds = ingest_like_researchers("review-partial", {"train": inputs["train"]})
-    ids, emb = load_embeddings(OutputFiles(inputs["predictions"].with_suffix(".csv")).embeddings)
+    ids, emb = load_embeddings(OutputFiles(inputs["predictions"].with_suffix(".csv")).legacy_embeddings)
     keep = np.arange(len(ids)) % 7 != 0
     partial = tmp_path / "partial.embeddings.npz"
     np.savez(partial, annotation_id=ids[keep], embeddings=emb[keep])

@@ -67,7 +67,7 @@ def test_embeddings_are_the_classifier_heads_input(parity_copy, tmp_path):
     model, spec = load_model(slim_files(parity_copy, ENCODER))
     assert emb.shape == (30, spec.hidden_size) and np.isfinite(emb).all() and emb.std(axis=0).min() > 0
     with torch.inference_mode():
-        head = model.eval().classifier(torch.from_numpy(emb)).numpy()
+        head = model.eval().classifier(torch.from_numpy(np.array(emb))).numpy()
     assert np.abs(head - np.stack(table.logits.to_numpy())).max() < 1e-5
     by_id = dict(zip(ids.tolist(), head))
     assert np.abs(np.stack([by_id[a] for a in ANN_IDS]) - EXPECTED_LOGITS).max() < 1e-4  # the winner's logits

@@ -150,28 +150,28 @@ def train_sized(tmp_path_factory):
     order = taxonomic_order()
     rng = np.random.default_rng(0)
     n = len(ds.annotations)
-    truth = np.array([names.index(ds.categories[a.category_id]) for a in ds.annotations])
+    truth = np.array([names.index(ds.categories[a.category_id]) for a in ds.iter_annotations()])
     shift = np.where(rng.random(n) < 0.85, 0, rng.choice([-2, -1, 1, 2], n))
     pos = np.clip(np.array([order.index(names[t]) for t in truth]) + shift, 0, 78)
     target = np.array([names.index(order[p]) for p in pos])
     logits = rng.normal(0, 1, (n, 79)).astype(np.float32)
     logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
     keep = rng.random(n) >= 0.01
-    ids = np.array([a.id for a in ds.annotations])
+    ids = np.array([a.id for a in ds.iter_annotations()])
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     preds = pd.DataFrame({"annotation_id": ids[keep], "concept_name": np.array(names)[logits.argmax(1)][keep],
                           "confidence": p.max(1)[keep], "logits": list(logits[keep])})
     preds.to_parquet(d / "predictions.parquet")
     skipped = [(a.id, a.image_id, f"image missing: {ds.images[a.image_id].file_name}")
-               for a, k in zip(ds.annotations, keep) if not k]
+               for a, k in zip(ds.iter_annotations(), keep) if not k]
     pd.DataFrame(skipped, columns=["annotation_id", "image_id", "reason"]).to_csv(d / "predictions.skipped.csv",
                                                                                   index=False)
     images = d / "images"
     images.mkdir()
     one = d / "one.png"  # every image is 1920x1080: one file, linked under a third of the names
     Image.new("RGB", (1920, 1080), (40, 80, 120)).save(one)
-    for im in list(ds.images.values())[::3]:  # only these images' crops appear
+    for im in list(ds.images)[::3]:  # only these images' crops appear
         os.link(one, images / im.file_name)
     return ds, d / "predictions.parquet", images, len(skipped)
 

@@ -14,6 +14,6 @@ def test_download_sbatch_array(slurm, tmp_path, fake_fathomnet):
     proc = subprocess.run(["sbatch", "--wait", "--array=0-2", "--mem=1G", f"--output={tmp_path}/dl-%A_%a.log",
                            "sbatch/download.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr + "".join(p.read_text() for p in tmp_path.glob("dl-*.log"))
-    for im in load_coco(ann).images.values():
+    for im in load_coco(ann).images:
         assert (images / im.file_name).read_bytes() == (server.directory / im.file_name).read_bytes()
     assert len(list((images / ".fathompipe").glob("*.done"))) == 3

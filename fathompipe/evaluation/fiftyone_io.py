@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from fathompipe.annotations import CocoDataset
+from fathompipe.annotations import Coco
 from fathompipe.evaluation.fiftyone_env import api_connection, enterprise_sdk_installed
 from fathompipe.evaluation.metric import distance
 from fathompipe.evaluation.taxonomy import load_taxonomy
@@ -43,7 +43,7 @@ def split_view(ds, split: str):
     return ds.match(F("split") == split)
 
 
-def ingest(name: str, dataset: CocoDataset, images_dir: str, split: str, naming: str, raw: Optional[bool] = None):
+def ingest(name: str, dataset: Coco, images_dir: str, split: str, naming: str, raw: Optional[bool] = None):
     """Load dataset `name` (create it if missing) and add the images of `split` it lacks, matched by
     `image_id` among that split's samples only. One sample goes through `add_samples`, which declares the
     schema (split, image_id, ground_truth and its dynamic `annotation_id`); the rest are written as plain
@@ -57,11 +57,11 @@ def ingest(name: str, dataset: CocoDataset, images_dir: str, split: str, naming:
                                 f"it (the researchers' schema); add it, or choose another evaluate.dataset")
     known = set(split_view(ds, split).values("image_id")) if len(ds) else set()
     by_image: Dict[int, list] = {}
-    for a in dataset.annotations:
+    for a in dataset.iter_annotations():
         by_image.setdefault(a.image_id, []).append(a)
-    docs = [_sample_doc(dataset, im, by_image.get(image_id, []), os.path.join(images_dir, im.local_name(naming)),
+    docs = [_sample_doc(dataset, im, by_image.get(im.id, []), os.path.join(images_dir, im.local_name(naming)),
                         split)
-            for image_id, im in dataset.images.items() if image_id not in known]
+            for im in dataset.images if im.id not in known]
     if not docs:
         return ds
     first = next((i for i, d in enumerate(docs) if d["ground_truth"]["detections"]), 0)
@@ -73,7 +73,7 @@ def ingest(name: str, dataset: CocoDataset, images_dir: str, split: str, naming:
     return ds
 
 
-def _sample_doc(dataset: CocoDataset, im, annotations: list, filepath: str, split: str) -> Dict[str, Any]:
+def _sample_doc(dataset: Coco, im, annotations: list, filepath: str, split: str) -> Dict[str, Any]:
     """A sample as FiftyOne stores it (none-valued attributes omitted), ids and timestamps left to the writer."""
     dets = []
     for a in annotations:
@@ -148,7 +148,7 @@ class ImportResult:
     raw: bool  # written with the raw bulk path
 
 
-def prediction_docs(truth: SplitTruth, coco: CocoDataset, predictions: pd.DataFrame, labelled: bool,
+def prediction_docs(truth: SplitTruth, coco: Coco, predictions: pd.DataFrame, labelled: bool,
                     existing: List[List[Dict[str, Any]]]) -> Tuple[List[List[Dict[str, Any]]], int, int]:
     """Per sample, the prediction documents after this import, in ground-truth order.
 
@@ -157,7 +157,7 @@ def prediction_docs(truth: SplitTruth, coco: CocoDataset, predictions: pd.DataFr
     `annotation_id` (added by hand) stay at the end. Returns (documents, written, unmatched)."""
     from bson import ObjectId
 
-    image_of = {a.id: a.image_id for a in coco.annotations}
+    image_of = dict(zip(coco.annotations.id.tolist(), coco.annotations.image_id.tolist()))
     n = len(predictions)
     columns = [predictions.index.tolist(), predictions["concept_name"].tolist(),
                predictions["confidence"].tolist() if "confidence" in predictions else [None] * n]
@@ -219,7 +219,7 @@ def raw_writes_allowed() -> bool:
     return not api_connection() and not enterprise_sdk_installed() and foc.VERSION.startswith("1.")
 
 
-def import_predictions(ds, split: str, coco: CocoDataset, predictions: pd.DataFrame, field: str, labelled: bool,
+def import_predictions(ds, split: str, coco: Coco, predictions: pd.DataFrame, field: str, labelled: bool,
                        raw: Optional[bool] = None) -> ImportResult:
     """Write `field` on the split's samples (and no other); `raw=None` picks the path allowed here."""
     view = split_view(ds, split)
@@ -236,7 +236,7 @@ def import_predictions(ds, split: str, coco: CocoDataset, predictions: pd.DataFr
     return ImportResult(written, unmatched, raw)
 
 
-def _write_public(view, truth: SplitTruth, coco: CocoDataset, predictions: pd.DataFrame, field: str,
+def _write_public(view, truth: SplitTruth, coco: Coco, predictions: pd.DataFrame, field: str,
                   labelled: bool) -> Tuple[int, int]:
     """FiftyOne's public API: the field read as Detections, one `set_values` (works through Enterprise's API)."""
     import fiftyone as fo
@@ -255,7 +255,7 @@ def _write_public(view, truth: SplitTruth, coco: CocoDataset, predictions: pd.Da
     return written, unmatched
 
 
-def _write_raw(ds, view, truth: SplitTruth, coco: CocoDataset, predictions: pd.DataFrame, field: str,
+def _write_raw(ds, view, truth: SplitTruth, coco: Coco, predictions: pd.DataFrame, field: str,
                labelled: bool) -> Tuple[int, int]:
     """The same documents as `_write_public`, read and written with pymongo in one unordered bulk write."""
     from datetime import datetime, timezone

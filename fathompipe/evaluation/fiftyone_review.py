@@ -133,7 +133,8 @@ def umap_available() -> bool:
 
 
 def embeddings_beside(predictions: Path) -> Optional[Path]:
-    """The infer stage's embeddings file beside `predictions` (csv or parquet), if it wrote one."""
+    """The infer stage's embeddings file beside `predictions` (csv or parquet), if it wrote one (today's format, or
+    an earlier version's)."""
     from fathompipe.layout import OutputFiles
-    path = OutputFiles(Path(predictions).with_suffix(".csv")).embeddings
-    return path if path.exists() else None
+    out = OutputFiles(Path(predictions).with_suffix(".csv"))
+    return next((p for p in (out.embeddings, out.legacy_embeddings) if p.exists()), None)

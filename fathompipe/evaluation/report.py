@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fathompipe import atomic
-from fathompipe.annotations import CocoDataset
+from fathompipe.annotations import Coco
 from fathompipe.evaluation.metric import distance
 from fathompipe.evaluation.scoring import Evaluation, confusion_matrix, confusions, per_class
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy
@@ -36,13 +36,13 @@ OFF_DIAGONAL = ("#fdd0a2", "#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#a63603"
 DIAGONAL = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b", "#041a3a")
 
 
-def write_report(ev: Evaluation, dataset: CocoDataset, out: Path, title: str, images_dir: Optional[Path] = None,
+def write_report(ev: Evaluation, dataset: Coco, out: Path, title: str, images_dir: Optional[Path] = None,
                  naming: str = "file_name", extra: Optional[Dict[str, str]] = None) -> Path:
     """metrics.json, rois.csv, per_class.csv, confusions.csv, confusion_matrix.csv, crops/ and report.html."""
     out.mkdir(parents=True, exist_ok=True)
     m = ev.metrics
     table = ev.table
-    files = {im.id: im.local_name(naming) for im in dataset.images.values()}
+    files = dict(zip(dataset.images.id.tolist(), dataset.images.local_names(naming)))
     rois = table.drop(columns=["bbox"]).assign(file_name=table["image_id"].map(files))
     atomic.write_text(out / "rois.csv", rois.to_csv(index=False, float_format="%.6g"))
     sections: List[str] = [_headline_html(m)]
@@ -172,7 +172,7 @@ def _matrix_html(names: List[str], cm: np.ndarray) -> str:
             f"<div class=scroll>{''.join(parts)}</div><script>const CM={data};</script>")
 
 
-def _candidates_html(table: pd.DataFrame, dataset: CocoDataset, images_dir: Optional[Path], naming: str, out: Path,
+def _candidates_html(table: pd.DataFrame, dataset: Coco, images_dir: Optional[Path], naming: str, out: Path,
                      source: object) -> str:
     wrong = table[table["prediction"].notna() & ~table["correct"]]
     key = ["mistakenness", "confidence", "distance"] if source else ["confidence", "distance"]
@@ -180,7 +180,7 @@ def _candidates_html(table: pd.DataFrame, dataset: CocoDataset, images_dir: Opti
     crops = _crops(dataset, images_dir, naming, top, out)
     rows = []
     for r in top.itertuples():
-        name = dataset.images[r.image_id].local_name(naming)
+        name = dataset.image(r.image_id).local_name(naming)
         path = images_dir / name if images_dir else None
         link = f"<a href='{_e(path.resolve().as_uri())}'>{_e(name)}</a>" if path and path.exists() else _e(name)
         crop = crops.get(r.annotation_id)
@@ -198,7 +198,7 @@ def _candidates_html(table: pd.DataFrame, dataset: CocoDataset, images_dir: Opti
             f"<th>mistakenness</th><th>distance</th></tr>{''.join(rows)}</table>")
 
 
-def _crops(dataset: CocoDataset, images_dir: Optional[Path], naming: str, rows: pd.DataFrame,
+def _crops(dataset: Coco, images_dir: Optional[Path], naming: str, rows: pd.DataFrame,
            out: Path) -> Dict[int, str]:
     """A thumbnail of each listed ROI with some context and its box outlined, where its image is on disk."""
     from PIL import Image, ImageDraw
@@ -207,7 +207,7 @@ def _crops(dataset: CocoDataset, images_dir: Optional[Path], naming: str, rows: 
         return found
     (out / "crops").mkdir(exist_ok=True)
     for row in rows.itertuples():
-        path = images_dir / dataset.images[row.image_id].local_name(naming)
+        path = images_dir / dataset.image(row.image_id).local_name(naming)
         if not path.exists():
             continue
         x, y, w, h = row.bbox

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from fathompipe.annotations import CocoDataset
+from fathompipe.annotations import Coco
 from fathompipe.evaluation.metric import MAX_DISTANCE, distances
 from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
@@ -83,15 +83,15 @@ class Evaluation:
     table: pd.DataFrame
 
 
-def score(dataset: CocoDataset, predictions: pd.DataFrame) -> Evaluation:
+def score(dataset: Coco, predictions: pd.DataFrame) -> Evaluation:
     taxonomy = load_taxonomy()
     anns = dataset.annotations
-    ids = [a.id for a in anns]
+    ids = anns.id.tolist()
     pred = predictions["concept_name"].reindex(ids)
     skipped: Dict[int, str] = predictions.attrs.get("skipped", {})
     table = pd.DataFrame({
-        "annotation_id": ids, "image_id": [a.image_id for a in anns], "bbox": [a.bbox for a in anns],
-        "truth": [dataset.categories[a.category_id] if a.category_id is not None else None for a in anns],
+        "annotation_id": ids, "image_id": anns.image_id.tolist(), "bbox": list(map(tuple, anns.bbox.tolist())),
+        "truth": dataset.labels().tolist(),
         "prediction": [None if p is None or pd.isna(p) else str(p) for p in pred.tolist()],
         "confidence": predictions["confidence"].reindex(ids).astype(float).to_numpy()})
     predicted = table["prediction"].notna()

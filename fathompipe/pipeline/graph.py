@@ -7,13 +7,13 @@ marker, so the driver, status and resubmit all agree on what is finished. Adding
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Protocol, Tuple
 
 import submitit
 
-from fathompipe.config import PipelineConfig, Resources
+from fathompipe.config import PipelineConfig, Resources, SplitSource
 from fathompipe.jobs import CheckpointJob, DownloadJob, EvaluateJob, EvaluateSplit, InferJob
 from fathompipe.layout import OutputFiles, RunPaths, ShardFiles, evaluate_marker
 from fathompipe.model.slim import slim_is_current
@@ -68,8 +68,14 @@ class DownloadTask:
         return {"ok": summary.ok, "missing": summary.missing}
 
 
+def split_source(cfg: PipelineConfig, paths: RunPaths, split: str) -> SplitSource:
+    """A split's inputs as the run's tasks read them: the annotation table submit cut from its file, so no task
+    parses the (at MBARI's size, 440 MB) annotation file again."""
+    return replace(cfg.data.source(split), annotations=str(paths.annotation_table(split)))
+
+
 def download_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    return [DownloadTask(DownloadJob(cfg.data.source(split), cfg.download, shard,
+    return [DownloadTask(DownloadJob(split_source(cfg, paths, split), cfg.download, shard,
                                      str(paths.shard_files(split, shard, cfg.download.num_shards).state_dir), split))
             for split in cfg.data.splits for shard in range(cfg.download.num_shards)]
 
@@ -117,7 +123,7 @@ def checkpoint_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
 
 
 def infer_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    return [InferTask(InferJob(cfg.data.source(split), cfg.checkpoint.path, str(paths.predictions(split).csv),
+    return [InferTask(InferJob(split_source(cfg, paths, split), cfg.checkpoint.path, str(paths.predictions(split).csv),
                                cfg.infer, shard))
             for split in cfg.data.splits for shard in range(cfg.infer.shards)]
 
@@ -144,7 +150,7 @@ class EvaluateTask:
 
 
 def evaluate_tasks(cfg: PipelineConfig, paths: RunPaths) -> List[Task]:
-    splits = tuple(EvaluateSplit.of(cfg.data.source(split), str(paths.predictions(split).parquet),
+    splits = tuple(EvaluateSplit.of(split_source(cfg, paths, split), str(paths.predictions(split).parquet),
                                     str(paths.report_dir(split)))
                    for split in cfg.data.splits)
     return [EvaluateTask(EvaluateJob(splits, cfg.evaluate))]

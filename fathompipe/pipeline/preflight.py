@@ -1,7 +1,8 @@
 """Checks before anything is queued: a doomed job is refused on the login node, not after a queue wait.
 
-Every annotation file goes through the same reader and checks the download task uses; the directories
-the jobs write to must be writable; every stage's rendered sbatch script is checked by Slurm itself
+Every annotation file is read and validated once, and cut into the run's columnar table (annotation_table.py)
+that every task reads; once the run has submitted work that table is fixed and a changed file is refused.
+The directories the jobs write to must be writable; every stage's rendered sbatch script is checked by Slurm itself
 (`sbatch --test-only`, which queues nothing), so an unknown partition, an impossible memory or GPU
 request, a bad account or QOS is one message naming the stage and the profile key to change.
 """
@@ -11,9 +12,11 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fathompipe import annotation_table
 from fathompipe.annotations import AnnotationError, load_coco
 from fathompipe.config import PipelineConfig
 from fathompipe.layout import RunPaths
+from fathompipe.pipeline.state import RunState, RunStateError
 from fathompipe.pipeline.scheduler import keys_to_change, render_sbatch, sbatch_test_only
 from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 
@@ -32,15 +35,47 @@ def unwritable(path: Path) -> Optional[str]:
     return None
 
 
-def check_inputs(cfg: PipelineConfig, paths: RunPaths, source: str) -> List[str]:
-    """Annotation files fully validated; images, checkpoint and run directories writable."""
+def has_submitted(paths: RunPaths) -> bool:
+    """Whether any job of the run was ever submitted (a damaged run.json counts as yes)."""
+    try:
+        state = RunState.load(paths)
+    except RunStateError:
+        return True
+    return state is not None and bool(state.all_job_ids())
+
+
+def check_annotations(cfg: PipelineConfig, paths: RunPaths, source: str, write: bool) -> List[str]:
+    """Each selected split's annotation file validated and, with `write`, cut into the run's table. A table the
+    run's jobs already use is never re-cut: its file is only checked to be unchanged (no parse)."""
     errors: List[str] = []
+    fixed = has_submitted(paths)
+    for split in cfg.data.splits:
+        key, json_path, table = f"data.{split}.annotations", Path(getattr(cfg.data, split).annotations), \
+            paths.annotation_table(split)
+        meta = annotation_table.read_meta(table)
+        if meta is not None:
+            why = annotation_table.changed(table, json_path)
+            if why and fixed:
+                errors.append(f"{source}: {key}: {why}. This run's jobs use the shards cut at its first submit: "
+                              f"restore the file, or submit into a new --run-dir")
+            if fixed or (why is None and meta["num_shards"] == cfg.download.num_shards):
+                continue
+        try:
+            coco = load_coco(json_path)
+        except AnnotationError as exc:
+            errors.append(f"{source}: {key}: {exc}")
+            continue
+        if write:
+            annotation_table.write_table(coco, table, cfg.download.num_shards)
+    return errors
+
+
+def check_inputs(cfg: PipelineConfig, paths: RunPaths, source: str, write_tables: bool = False) -> List[str]:
+    """Annotation files validated (and cut into the run's tables with `write_tables`); images, checkpoint and run
+    directories writable."""
+    errors = check_annotations(cfg, paths, source, write_tables)
     for split in cfg.data.splits:
         data = getattr(cfg.data, split)
-        try:
-            load_coco(data.annotations)
-        except AnnotationError as exc:
-            errors.append(f"{source}: data.{split}.annotations: {exc}")
         why = unwritable(Path(data.images_dir))
         if why:
             errors.append(f"{source}: data.{split}.images_dir={data.images_dir!r}: {why}")
@@ -72,12 +107,14 @@ def check_scripts(cfg: PipelineConfig, paths: RunPaths, source: str, counts: Dic
     return errors
 
 
-def preflight(cfg: PipelineConfig, paths: RunPaths, source: str, counts: Optional[Dict[str, int]] = None) -> List[str]:
+def preflight(cfg: PipelineConfig, paths: RunPaths, source: str, counts: Optional[Dict[str, int]] = None,
+              write_tables: bool = False) -> List[str]:
     """Every reason the run cannot work, found before queueing; [] when it can be submitted.
 
     `counts`: stage -> tasks about to be submitted (default: every task of every stage, a new run).
+    `write_tables`: cut each annotation file into the run's table as it is read (submit, not --dry-run).
     """
-    errors = check_inputs(cfg, paths, source)
+    errors = check_inputs(cfg, paths, source, write_tables)
     if cfg.cluster == "slurm":
         all_tasks = {s.name: len(s.tasks(cfg, paths)) for s in STAGES}
         errors += check_scripts(cfg, paths, source, all_tasks if counts is None else counts)

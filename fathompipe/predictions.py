@@ -1,0 +1,183 @@
+"""The inference stage's outputs, merged from its part files in bounded memory.
+
+Once every shard is done, the part files (one per batch) become, each written once and atomically:
+OUT.embeddings.npy, OUT.skipped.csv, OUT.parquet (annotation id ascending: image id, split, name,
+confidence, top-5, the 79 logits, the label where known, a note) and, last (the stage's completion test),
+OUT.csv in the competition's format. A deployment has 2,000,000 ROIs (their embeddings alone are 8.2 GB),
+so nothing per-ROI and wide is held at once:
+  1. the annotation ids of every part give the output order;
+  2. every part is read once: its logits go to a scratch array and its embeddings to OUT.embeddings.npy,
+     each at its rows, with positional writes (nothing mapped); image ids and notes are kept (small);
+  3. the scratch is read back in chunks of CHUNK ROIs: softmax, top-5 and labels become one parquet row
+     group and the CSV's lines per chunk.
+Peak memory: about 40 bytes a ROI (ids, image ids, notes) plus one chunk. Free of torch.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fathompipe import atomic
+from fathompipe.annotations import Coco
+from fathompipe.embeddings import RowFile
+from fathompipe.layout import OutputFiles
+
+TOPK = 5
+CHUNK = 65_536  # ROIs per parquet row group, softmax and CSV write
+
+
+def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: int, split: str,
+          embeddings: bool = True) -> Optional[Dict[str, int]]:
+    """Merge the parts once every shard is done (None before that). With `embeddings` off, embeddings found in parts
+    are ignored and no OUT.embeddings.npy is left; with it on, the file is written only when every part has them.
+    Returns how many ROIs were predicted, skipped and embedded."""
+    out.parts.mkdir(parents=True, exist_ok=True)
+    with open(out.merge_lock, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
+            return None
+        parts = out.all_parts()
+        ids, counts = _part_ids(parts)
+        order = np.argsort(ids, kind="stable")
+        ann_id = ids[order]
+        if (np.diff(ann_id) == 0).any():
+            raise RuntimeError(f"{out.parts}: duplicate annotation ids across parts (mixed runs?); delete it and rerun")
+        position = np.empty(len(ids), np.int64)
+        position[order] = np.arange(len(ids))  # row in part order -> row in the outputs
+        width = _embedding_width(parts) if embeddings else None
+        for stale in ([] if width else [out.embeddings]) + [out.legacy_embeddings]:
+            stale.unlink(missing_ok=True)
+        scratch_path = out.parts / ".merge.logits.npy"
+        try:
+            with ExitStack() as stack:
+                csv = stack.enter_context(atomic.atomic_path(out.csv))  # renamed last: entered first
+                parquet = stack.enter_context(atomic.atomic_path(out.parquet))
+                emb = None
+                if width:
+                    emb = RowFile(stack.enter_context(atomic.atomic_path(out.embeddings)), len(ids), width)
+                    stack.callback(emb.close)
+                scratch = RowFile(scratch_path, len(ids), len(class_names))
+                stack.callback(scratch.close)
+                image_ids, notes, skipped = _scatter(parts, counts, position, scratch, emb)
+                skipped.sort()
+                atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
+                                  "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
+                _write_tables(parquet, csv, coco, ann_id, image_ids, notes, scratch, class_names, split)
+        finally:
+            scratch_path.unlink(missing_ok=True)
+        return {"predicted": len(ids), "skipped": len(skipped), "embedded": len(ids) if width else 0}
+
+
+def _part_ids(parts: List[Path]) -> Tuple[np.ndarray, List[int]]:
+    """Every part's annotation ids, concatenated in part order, and each part's row count."""
+    chunks = []
+    for part in parts:
+        with np.load(part) as z:
+            chunks.append(z["annotation_id"])
+    return (np.concatenate(chunks) if chunks else np.empty(0, np.int64)), [len(c) for c in chunks]
+
+
+def _embedding_width(parts: List[Path]) -> Optional[int]:
+    """The embeddings' width when every part (with a ROI) has them, else None (parts of an earlier version)."""
+    width = None
+    for part in parts:
+        with np.load(part) as z:
+            if len(z["annotation_id"]) == 0:
+                continue
+            if "embeddings" not in z.files:
+                return None
+            width = z["embeddings"].shape[1]
+    return width
+
+
+def _scatter(parts: List[Path], counts: List[int], position: np.ndarray, scratch: RowFile,
+             emb: Optional[RowFile]) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, str]]]:
+    """Read every part once: logits and embeddings to their output rows; image ids, notes, skipped ROIs returned."""
+    n = len(position)
+    image_ids, notes = np.empty(n, np.int64), np.empty(n, object)
+    skipped: List[Tuple[int, int, str]] = []
+    at = 0
+    for part, count in zip(parts, counts):
+        rows = position[at:at + count]
+        with np.load(part) as z:
+            if count:
+                scratch.write(rows, z["logits"])
+                if emb is not None:
+                    emb.write(rows, z["embeddings"])
+                image_ids[rows] = z["image_id"]
+                notes[rows] = z["note"].tolist()
+            skipped += [tuple(json.loads(s)) for s in z["skipped"].tolist()]
+        at += count
+    return image_ids, notes, skipped
+
+
+def _write_tables(parquet: Path, csv: Path, coco: Coco, ann_id: np.ndarray, image_ids: np.ndarray,
+                  notes: np.ndarray, scratch: RowFile, class_names: Sequence[str], split: str) -> None:
+    """OUT.parquet (one row group per chunk) and OUT.csv, from the scratch logits in output order."""
+    names = pa.array(list(class_names), pa.string())
+    row_of = _rows_in(coco, ann_id)
+    k = min(TOPK, len(class_names))
+    with pq.ParquetWriter(parquet, SCHEMA) as writer, open(csv, "w") as fh:
+        fh.write("annotation_id,concept_name\n")
+        for start in range(0, len(ann_id), CHUNK):
+            stop = min(start + CHUNK, len(ann_id))
+            logits = scratch.read(start, stop)
+            probs = softmax(logits)
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            top_p = np.take_along_axis(probs, top, axis=1)
+            ids, rows = ann_id[start:stop], row_of[start:stop]
+            labels = coco.labels(np.maximum(rows, 0))
+            labels[rows < 0] = None
+            predicted = names.take(pa.array(top[:, 0]))
+            writer.write_table(pa.table({
+                "annotation_id": pa.array(ids, pa.int64()),
+                "image_id": pa.array(image_ids[start:stop], pa.int64()),
+                "split": pa.array([split] * len(ids), pa.string()),
+                "concept_name": predicted,
+                "confidence": pa.array(top_p[:, 0], pa.float32()),
+                "top5_names": _lists(names.take(pa.array(top.ravel())), k),
+                "top5_scores": _lists(pa.array(top_p.ravel(), pa.float32()), k),
+                "logits": _lists(pa.array(logits.ravel(), pa.float32()), logits.shape[1]),
+                "label": pa.array(labels.tolist(), pa.string()),
+                "note": pa.array(notes[start:stop].tolist(), pa.string()),
+            }, schema=SCHEMA))
+            fh.write("".join(f"{a},{_csv_field(p)}\n" for a, p in zip(ids.tolist(), predicted.to_pylist())))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for any logits."""
+    x = logits - logits.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+    return x
+
+
+def _rows_in(coco: Coco, ann_id: np.ndarray) -> np.ndarray:
+    """The row in `coco.annotations` of each annotation id; -1 for an id the file does not have."""
+    order = np.argsort(coco.annotations.id, kind="stable")
+    known = coco.annotations.id[order]
+    if not len(known):
+        return np.full(len(ann_id), -1, np.int64)
+    at = np.searchsorted(known, ann_id).clip(0, len(known) - 1)
+    return np.where(known[at] == ann_id, order[at], -1)
+
+
+def _lists(values: pa.Array, width: int) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, width, dtype=np.int32)), values)
+
+
+def _csv_field(value: str) -> str:
+    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
+
+
+SCHEMA = pa.schema([("annotation_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()),
+                    ("concept_name", pa.string()), ("confidence", pa.float32()),
+                    ("top5_names", pa.list_(pa.string())), ("top5_scores", pa.list_(pa.float32())),
+                    ("logits", pa.list_(pa.float32())), ("label", pa.string()), ("note", pa.string())])
