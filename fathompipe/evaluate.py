@@ -24,7 +24,7 @@ from fathompipe.config import EvaluateConfig
 from fathompipe.evaluation import fiftyone_review
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
-from fathompipe.evaluation.report import write_report
+from fathompipe.evaluation.report import write_report, write_rule_csv
 from fathompipe.evaluation.scoring import headline, load_predictions, score
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
@@ -42,6 +42,8 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
                           Path(split.images_dir) if split.images_dir else None, split.naming, extra)
     print(f"report: {report}\n{split.split}: {headline(ev.metrics)}", flush=True)
+    if options.expected_distance_csv:  # opt-in: the rule's answers in the competition's format (report.py)
+        print(f"expected-distance rule's competition CSV: {write_rule_csv(ev, out)}", flush=True)
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
                                  "headline": headline(ev.metrics)}
     if options.fiftyone:
