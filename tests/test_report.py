@@ -24,7 +24,7 @@ from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.scoring import (confusion_matrix, headline, load_predictions, mistakenness,
                                            mistakenness_from_confidence, per_class, score)
 from fathompipe.evaluation.report import write_report
-from support.synthetic import train_like_coco
+from support.synthetic import model_like_logits, train_like_coco
 from fathompipe.evaluation.taxonomy import taxonomic_order
 from fathompipe.evaluation.metric import distance
 
@@ -148,17 +148,8 @@ def train_sized(tmp_path_factory):
     ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", d / "train.json")
     ds = load_coco(ann)
     names = ds.class_names()
-    order = taxonomic_order()
-    rng = np.random.default_rng(0)
-    n = len(ds.annotations)
-    truth = np.array([names.index(ds.categories[a.category_id]) for a in ds.annotations])
-    shift = np.where(rng.random(n) < 0.85, 0, rng.choice([-2, -1, 1, 2], n))
-    pos = np.clip(np.array([order.index(names[t]) for t in truth]) + shift, 0, 78)
-    target = np.array([names.index(order[p]) for p in pos])
-    logits = rng.normal(0, 1, (n, 79)).astype(np.float32)
-    logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
-    keep = rng.random(n) >= 0.01
-    ids = np.array([a.id for a in ds.annotations])
+    ids, logits = model_like_logits(ann, seed=0)
+    keep = np.random.default_rng(1).random(len(ids)) >= 0.01
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     preds = pd.DataFrame({"annotation_id": ids[keep], "concept_name": np.array(names)[logits.argmax(1)][keep],
