@@ -97,7 +97,7 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
                                      f"the database is up and reachable from this node, then rerun the evaluate stage "
                                      f"(python -m fathompipe.resubmit --run-dir R --stage evaluate)") from None
         raise
-    print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']} samples): {info['imported']} "
+    print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']:,} samples): {info['imported']:,} "
           f"predictions in field '{field}' ({info['write_path']})"
           + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "
              f"confident first) and '{info['mistakenness_view']}'" if labelled else "")

@@ -211,6 +211,11 @@ def test_report_page_at_train_size(train_sized, tmp_path):
     rois = pd.read_csv(out / "rois.csv")
     assert len(rois) == 23699 and {"file_name", "mistakenness", "not_predicted"} <= set(rois.columns)
     assert headline(ev.metrics).count("mean hierarchical distance") == 1
+    assert f"{ev.metrics['n_predictions']:,} of 23,699 ROIs predicted" in headline(ev.metrics)  # thousands separated
+    rule = ev.metrics["expected_distance_rule"]  # the rule over every predicted ROI, never worse in expectation
+    assert rule["n"] == ev.metrics["n_predictions"]
+    assert rule["expected_distance_rule"] < rule["expected_distance_argmax"]
+    assert "Beyond argmax" in page and "rule &minus; argmax" in page
 
 
 def test_unlabelled_split_reports_coverage_and_counts(tmp_path):
