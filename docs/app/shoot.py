@@ -8,7 +8,8 @@ set (the demo's own run, or the researchers' dataset schema with model-like logi
 stage, opens the App on 127.0.0.1 with FiftyOne's launch_app and takes: the Model Evaluation panel (Summary, then the
 confusion matrix), the mistakenness view and the view where the expected-distance rule answers otherwise, with
 truth, prediction, confidence, mistakenness and the rule's label shown on each patch (the browser storage entry of
-fiftyone_review.shown_label_attributes, as the App command seeds it). Prints the stage's figures.
+fiftyone_review.shown_label_attributes, as the App command seeds it), and report.html's per-class table sorted
+by "rule - argmax". Prints the stage's figures of the expected-distance rule.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def build_demo(work: Path) -> tuple:
     subprocess.run([sys.executable, "-m", "demo", "--run-dir", str(work / "demo")], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
-    return "fathompipe-demo", json.loads((work / "demo" / "evaluate" / "train" / "metrics.json").read_text())
+    return "fathompipe-demo", work / "demo" / "evaluate" / "train"
 
 
 def build_train(work: Path) -> tuple:
@@ -54,7 +55,23 @@ def build_train(work: Path) -> tuple:
     ingest_like_researchers("fathomnet-2025", {"train": coco})
     run(EvaluateSplit(str(coco), str(work / "predictions.parquet"), str(work / "report"), "train", "/unused"),
         EvaluateConfig(dataset="fathomnet-2025"))
-    return "fathomnet-2025", json.loads((work / "report" / "metrics.json").read_text())
+    return "fathomnet-2025", work / "report"
+
+
+def shoot_report(report: Path, out: Path, prefix: str) -> None:
+    """report.html's per-class table sorted by "rule - argmax", most negative (where the rule helps most) first."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.goto(report.as_uri())
+        header = page.locator("h2:has-text('Per class') + p + table th", has_text="\u2212")  # "rule − argmax"
+        header.click()
+        header.click()  # numbers sort largest first; the second click: smallest (most negative) first
+        page.locator("h2:has-text('Per class')").first.evaluate("h => window.scrollTo(0, h.offsetTop - 10)")
+        page.screenshot(path=str(out / f"{prefix}-report-per-class-sorted.png"))
+        browser.close()
 
 
 def shoot(name: str, out: Path, prefix: str) -> None:
@@ -113,7 +130,9 @@ def main() -> int:
                        "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"})
     try:
         with tempfile.TemporaryDirectory(prefix="fathompipe-shots-") as work:
-            name, metrics = (build_demo if args.set == "demo" else build_train)(Path(work))
+            name, report = (build_demo if args.set == "demo" else build_train)(Path(work))
+            metrics = json.loads((report / "metrics.json").read_text())
+            shoot_report(report / "report.html", Path(args.out), args.set)
             shoot(name, Path(args.out), args.set)
     finally:
         mongod.stop()
