@@ -31,7 +31,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for f, kind in _leaf_fields(cls):
         flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kw: Dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help")}
+        kw: Dict[str, Any] = {"dest": f.name, "help": _with_default(f, flag, kind, required)}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -42,6 +42,17 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kw["default"] = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument(flag, **kw)
+
+
+def _with_default(f: dataclasses.Field, flag: str, kind: type, required: bool) -> str | None:
+    """The field's help with its default, so that `--help` shows what a run uses without the flag (unless the help
+    already says it)."""
+    text = f.metadata.get("help")
+    if required or "default" in (text or ""):
+        return text
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown = (flag if default else "--no-" + flag[2:]) if kind is bool else "not set" if default is None else default
+    return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def from_args(cls: Type[T], args: argparse.Namespace) -> T:

@@ -137,6 +137,10 @@ class EvaluateConfig:
                                         "NAME_FIFTYONE_API_KEY from the environment or .env"})
     env_file: Optional[str] = dataclasses.field(
         default=None, metadata={"help": ".env file the job reads (default: .env in its directory or above)"})
+    expected_distance_csv: bool = dataclasses.field(
+        default=False, metadata={"help": "also write REPORT_DIR/predictions.expected_distance.csv: the competition CSV "
+                                         "with the expected-distance rule's answers (needs the logits, "
+                                         "predictions.parquet); the infer stage's predictions.csv stays argmax"})
 
 
 @dataclass

@@ -21,10 +21,10 @@ from fathompipe import atomic
 from fathompipe.annotations import AnnotationError, load_coco
 from fathompipe.cli import add_options, from_args
 from fathompipe.config import EvaluateConfig
-from fathompipe.evaluation import fiftyone_review
+from fathompipe.evaluation import fiftyone_eval, fiftyone_review
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
-from fathompipe.evaluation.report import write_report
+from fathompipe.evaluation.report import write_report, write_rule_csv
 from fathompipe.evaluation.scoring import headline, load_predictions, score
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
@@ -42,12 +42,15 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
                           Path(split.images_dir) if split.images_dir else None, split.naming, extra)
     print(f"report: {report}\n{split.split}: {headline(ev.metrics)}", flush=True)
+    if options.expected_distance_csv:  # opt-in: the rule's answers in the competition's format (report.py)
+        print(f"expected-distance rule's competition CSV: {write_rule_csv(ev, out)}", flush=True)
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
                                  "headline": headline(ev.metrics)}
     if options.fiftyone:
         result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, options,
                                            mistakenness_by_roi(ev.table),
-                                           fiftyone_review.embeddings_beside(Path(split.predictions)))
+                                           fiftyone_review.embeddings_beside(Path(split.predictions)),
+                                           fiftyone_eval.extras(ev.table, ev.metrics))
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(evaluate_marker(out), result)
     return result
@@ -68,7 +71,7 @@ def mistakenness_by_roi(table) -> Dict[int, float]:
 
 def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options: EvaluateConfig,
                   mistakenness: Optional[Dict[int, float]] = None,
-                  embeddings: Optional[Path] = None) -> Dict[str, object]:
+                  embeddings: Optional[Path] = None, more: Optional[fiftyone_eval.Extras] = None) -> Dict[str, object]:
     from fathompipe.evaluation import fiftyone_io
     where = connect(options)
     name, field, split = options.dataset, options.field, inputs.split
@@ -82,7 +85,7 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
                                    "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
-            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, mistakenness))
+            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, mistakenness, more=more))
         if embeddings is not None:
             info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
                                                   fiftyone_review.brain_key(eval_key)))
@@ -94,10 +97,12 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
                                      f"the database is up and reachable from this node, then rerun the evaluate stage "
                                      f"(python -m fathompipe.resubmit --run-dir R --stage evaluate)") from None
         raise
-    print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']} samples): {info['imported']} "
+    print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']:,} samples): {info['imported']:,} "
           f"predictions in field '{field}' ({info['write_path']})"
           + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "
              f"confident first) and '{info['mistakenness_view']}'" if labelled else "")
+          + (f", '{info['rule_view']}' (where the expected-distance rule answers otherwise)"
+             if info.get("rule_view") else "")
           + (f", embeddings visualization '{info['brain_key']}' ({info['visualization']}, {info['embedded_rois']} "
              f"ROIs; in the App's Embeddings panel pick it, then colour by ground_truth.detections.label)"
              if info.get("brain_key") else "")

@@ -132,3 +132,25 @@ def _category_names() -> list:
 
     with files("fathompipe").joinpath("data/taxonomy.csv").open() as fh:
         return [row["name"] for row in csv.DictReader(fh)]
+
+
+def model_like_logits(coco_json: str | Path, seed: int = 0, right: float = 0.85):
+    """(annotation ids, logits (N, 79) float32 in category-id order) for a labelled COCO file: the target class is
+    the truth with probability `right`, else one of its four taxonomic neighbours (relatives), raised above Gaussian
+    noise by a margin from barely to very confident. Confusions between relatives and hesitant softmaxes, as a
+    trained classifier has them; no claim on calibration."""
+    from fathompipe.evaluation.taxonomy import taxonomic_order
+
+    data = json.loads(Path(coco_json).read_text())
+    names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    position = {n: i for i, n in enumerate(taxonomic_order())}
+    by_position = {i: names.index(n) for n, i in position.items()}
+    by_id = {c["id"]: c["name"] for c in data["categories"]}
+    rng = np.random.default_rng(seed)
+    n = len(data["annotations"])
+    truth = np.array([position[by_id[a["category_id"]]] for a in data["annotations"]])
+    shift = np.where(rng.random(n) < right, 0, rng.choice([-2, -1, 1, 2], n))
+    target = np.array([by_position[p] for p in np.clip(truth + shift, 0, len(names) - 1)])
+    logits = rng.normal(0, 1, (n, len(names))).astype(np.float32)
+    logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
+    return np.array([a["id"] for a in data["annotations"]]), logits

@@ -6,8 +6,8 @@ import argparse
 import pytest
 
 from fathompipe.cli import add_options, from_args
-from fathompipe.config import DownloadConfig, InferConfig, SplitSource
-from fathompipe.jobs import CheckpointJob, DownloadJob, InferJob
+from fathompipe.config import DownloadConfig, EvaluateConfig, InferConfig, SplitSource
+from fathompipe.jobs import CheckpointJob, DownloadJob, EvaluateSplit, InferJob
 
 
 def parse(cls: type, argv: list) -> object:
@@ -48,3 +48,21 @@ def test_required_fields_are_required_and_renamed_flags_used(capsys):
     assert "--annotations" in capsys.readouterr().err
     job = parse(CheckpointJob, ["--checkpoint", "x.ckpt", "--url", "http://mirror/x.ckpt"])
     assert job.options.path == "x.ckpt" and job.options.url == "http://mirror/x.ckpt" and job.encoder_config is None
+
+
+@pytest.mark.parametrize("classes", [(DownloadJob,), (CheckpointJob,), (InferJob,), (EvaluateSplit, EvaluateConfig)])
+def test_help_shows_every_default(classes):
+    """`python -m fathompipe.<stage> --help` builds its parser this way: each optional flag says its default."""
+    parser = argparse.ArgumentParser()
+    for cls in classes:
+        add_options(parser, cls)
+    optional = [a for a in parser._actions if a.option_strings and not a.required and a.dest != "help"]
+    assert optional
+    for action in optional:
+        assert "default" in (action.help or ""), action.option_strings
+    text = " ".join(parser.format_help().split())
+    if InferJob in classes:
+        assert "--batch-size BATCH_SIZE default: 64" in text
+    if EvaluateConfig in classes:
+        assert "(default: --fiftyone)" in text and "(default: model_predictions)" in text
+        assert "(default: --no-expected-distance-csv)" in text

@@ -4,6 +4,7 @@ rerun, mistakenness equals scoring.py's, the winner's embeddings become a Brain 
 App command binds to 127.0.0.1 only. Researchers' schema (tests/researchers_dataset.py), private mongod."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -43,7 +44,15 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
     order = np.argsort(preds["annotation_id"].to_numpy())
     np.savez(OutputFiles(d / "predictions.csv").legacy_embeddings,
              annotation_id=preds["annotation_id"].to_numpy()[order], embeddings=vectors[order])
-    return {"train": train, "predictions": d / "predictions.parquet"}
+    # the same ROIs with the model's logits (argmax: the prediction), for the expected-distance rule
+    names = [c["name"] for c in sorted(json.loads(train.read_text())["categories"], key=lambda c: c["id"])]
+    logits = rng.normal(0, 1, (len(preds), len(names))).astype(np.float32)
+    runner_up = rng.integers(0, len(names), len(preds))
+    logits[np.arange(len(preds)), runner_up] += 2.5
+    logits[np.arange(len(preds)), [names.index(n) for n in preds["concept_name"]]] = (
+        logits.max(axis=1) + rng.uniform(0.1, 3, len(preds)))  # the prediction is the argmax, by a margin
+    preds.assign(logits=list(logits)).to_parquet(d / "with-logits.parquet")
+    return {"train": train, "predictions": d / "predictions.parquet", "with_logits": d / "with-logits.parquet"}
 
 
 def stage(inputs, out: Path, name: str) -> dict:
@@ -75,7 +84,10 @@ def test_evaluation_equals_evaluate_detections_and_sklearn(fiftyone_db, inputs, 
     def pairs(r) -> list:  # the same matches, in FiftyOne's per-prediction order or in ground-truth order
         return sorted(zip(r.ytrue, r.ypred, r.ytrue_ids, r.ypred_ids, r.confs))
     assert pairs(results) == pairs(reference)
-    assert results.report() == reference.report()
+    ours_report, their_report = results.report(), reference.report()  # classes in another order (taxonomic):
+    assert ours_report.keys() == their_report.keys()  # the averages may differ in the last bit of a float
+    for name, row in their_report.items():
+        assert ours_report[name] == pytest.approx(row, rel=1e-12), name
     labels = sorted(set(results.ytrue) | set(results.ypred))
     truth, pred = list(results.ytrue), list(results.ypred)
     assert np.array_equal(results.confusion_matrix(classes=labels), confusion_matrix(truth, pred, labels=labels))
@@ -253,3 +265,49 @@ def test_app_command_as_printed_listens_on_loopback_only(fiftyone_db, inputs, tm
     finally:
         os.killpg(app.pid, 15)
         app.wait(30)
+
+
+def test_model_evaluation_panel_reads_taxonomic_classes_confusions_and_summary_rows(fiftyone_db, inputs, tmp_path):
+    """What FiftyOne's Model Evaluation panel reads from the stored results: `classes` in taxonomic order, the matrix
+    with every wrong label off the diagonal (none in the "(none)" row or column), and the Summary rows the panel
+    cannot derive (custom metrics) equal to metrics.json. The ROIs where the expected-distance rule answers otherwise
+    are a saved view, with the rule's label on each ground-truth patch."""
+    from fiftyone import ViewField as F
+
+    from fathompipe.evaluation import fiftyone_review
+    from fathompipe.evaluation.taxonomy import taxonomic_order
+
+    ds = ingest_like_researchers("review-panel", {"train": inputs["train"]})
+    run(EvaluateSplit(str(inputs["train"]), str(inputs["with_logits"]), str(tmp_path / "r"), "train", "/unused"),
+        EvaluateConfig(dataset=ds.name))
+    ds.reload()
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    rois = pd.read_csv(tmp_path / "r" / "rois.csv").set_index("annotation_id")
+    results = ds.load_evaluation_results("eval_model_train")
+    assert list(results.classes) == [n for n in taxonomic_order() if n in set(rois.truth) | set(rois.prediction)]
+    matrix, labels, _ = results._confusion_matrix(include_other=False, include_missing=True)  # the panel's call
+    assert labels[-1] == results.missing == "(none)" and not matrix[-1].any() and not matrix[:, -1].any()
+    assert matrix.sum() - np.trace(matrix) == m["n_disagreements"] == int((rois.truth != rois.prediction).sum())
+    rule = m["expected_distance_rule"]
+    summary = results.metrics()  # FiftyOne's metrics() carries the custom metrics: the panel's extra Summary rows
+    assert summary["mean_hierarchical_distance"] == pytest.approx(m["predicted_only"]["mean_hierarchical_distance"])
+    assert summary["mean_hierarchical_distance_rule"] == pytest.approx(rule["mean_hierarchical_distance_rule"])
+    assert summary["competition_score"] == pytest.approx(m["mean_hierarchical_distance"])
+    assert summary["wrong_labels"] == m["n_disagreements"] and summary["not_predicted"] == 0
+    fp = sum(ds.match(F("split") == "train").values("eval_model_train_fp"))
+    assert summary["wrong_labels"] == fp  # the per-sample FP count of the stored fields
+
+    differs = ds.load_saved_view("eval_model_train-rule-differs")
+    assert len(differs) == rule["n_differ"] > 0
+    for gt in differs.values("ground_truth"):
+        assert gt.rule_label == rois.loc[gt.annotation_id, "rule_prediction"] != gt.predicted_label
+    assert differs.values("ground_truth.predicted_confidence") == sorted(differs.values(
+        "ground_truth.predicted_confidence"))
+    (key, value), = fiftyone_review.shown_label_attributes(ds).items()
+    assert key == f"shownLabelAttributes-{ds._doc.id}"
+    assert json.loads(value)["ground_truth"][:4] == ["label", "predicted_label", "predicted_confidence", "mistakenness"]
+    # a rerun without logits drops the stale rule view and the rule's labels
+    run(EvaluateSplit(str(inputs["train"]), str(inputs["predictions"]), str(tmp_path / "r2"), "train", "/unused"),
+        EvaluateConfig(dataset=ds.name))
+    assert "eval_model_train-rule-differs" not in ds.list_saved_views()
+    assert set(ds.match(F("split") == "train").values("ground_truth.detections.rule_label", unwind=True)) == {None}

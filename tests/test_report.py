@@ -24,8 +24,9 @@ from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.scoring import (confusion_matrix, headline, load_predictions, mistakenness,
                                            mistakenness_from_confidence, per_class, score)
 from fathompipe.evaluation.report import write_report
-from support.synthetic import train_like_coco
+from support.synthetic import model_like_logits, train_like_coco
 from fathompipe.evaluation.taxonomy import taxonomic_order
+from fathompipe.evaluation.metric import distance
 
 
 def test_mistakenness_equals_fiftyone_brain(fiftyone_db):
@@ -147,17 +148,8 @@ def train_sized(tmp_path_factory):
     ann = train_like_coco(DATA / "train_annotation_labels.csv", DATA / "dataset_test.json", d / "train.json")
     ds = load_coco(ann)
     names = ds.class_names()
-    order = taxonomic_order()
-    rng = np.random.default_rng(0)
-    n = len(ds.annotations)
-    truth = np.array([names.index(ds.categories[a.category_id]) for a in ds.iter_annotations()])
-    shift = np.where(rng.random(n) < 0.85, 0, rng.choice([-2, -1, 1, 2], n))
-    pos = np.clip(np.array([order.index(names[t]) for t in truth]) + shift, 0, 78)
-    target = np.array([names.index(order[p]) for p in pos])
-    logits = rng.normal(0, 1, (n, 79)).astype(np.float32)
-    logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
-    keep = rng.random(n) >= 0.01
-    ids = np.array([a.id for a in ds.iter_annotations()])
+    ids, logits = model_like_logits(ann, seed=0)
+    keep = np.random.default_rng(1).random(len(ids)) >= 0.01
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     preds = pd.DataFrame({"annotation_id": ids[keep], "concept_name": np.array(names)[logits.argmax(1)][keep],
@@ -219,6 +211,11 @@ def test_report_page_at_train_size(train_sized, tmp_path):
     rois = pd.read_csv(out / "rois.csv")
     assert len(rois) == 23699 and {"file_name", "mistakenness", "not_predicted"} <= set(rois.columns)
     assert headline(ev.metrics).count("mean hierarchical distance") == 1
+    assert f"{ev.metrics['n_predictions']:,} of 23,699 ROIs predicted" in headline(ev.metrics)  # thousands separated
+    rule = ev.metrics["expected_distance_rule"]  # the rule over every predicted ROI, never worse in expectation
+    assert rule["n"] == ev.metrics["n_predictions"]
+    assert rule["expected_distance_rule"] < rule["expected_distance_argmax"]
+    assert "Beyond argmax" in page and "rule &minus; argmax" in page
 
 
 def test_unlabelled_split_reports_coverage_and_counts(tmp_path):
@@ -229,7 +226,7 @@ def test_unlabelled_split_reports_coverage_and_counts(tmp_path):
     assert m["coverage"] == 1.0 and m["not_predicted"] == {} and "mean_hierarchical_distance" not in m
     page = (run_dir / "report.html").read_text()
     assert "no score can be computed" in page and "What the model predicted" in page and "<svg" not in page
-    assert page.count("class=bar>") == len(m["prediction_counts"])
+    assert page.count("<td class=bar") == len(m["prediction_counts"])
 
 
 def test_skipped_file_is_read_beside_the_predictions(tmp_path):
@@ -241,3 +238,147 @@ def test_skipped_file_is_read_beside_the_predictions(tmp_path):
     files.skipped.write_text("id,reason\n2,x\n")
     with pytest.raises(ValueError, match=r"predictions\.skipped\.csv: expected columns annotation_id,image_id,reason"):
         load_predictions(files.csv)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (Debian's `chromium`, driven by playwright). In CI (.ci/run installs
+    both) a missing browser fails the test; elsewhere it skips."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if sync_playwright is None or binary is None:
+        why = "headless Chromium needs `pip install playwright` and `apt-get install chromium`"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run the browser test: {why}")
+        pytest.skip(why)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+# per sortable table, per header: click it, read the column's sort keys (data-v as numbers, else text) and check
+# their order with the browser's own comparison; clicked twice, the order reverses
+CHECK_EVERY_HEADER = """() => {
+  const keys = (table, col) => Array.from(table.rows).slice(1).map(r => {
+    const c = r.cells[col]; return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; });
+  const ordered = (k, dir) => k.every((x, i) => i === 0 || (typeof x === 'number'
+      ? (isNaN(x) || (!isNaN(k[i - 1]) && (dir === 'asc' ? k[i - 1] <= x : k[i - 1] >= x)))
+      : (dir === 'asc' ? k[i - 1].localeCompare(x) <= 0 : k[i - 1].localeCompare(x) >= 0)));
+  const bad = [];
+  document.querySelectorAll('table.sortable').forEach((table, t) => {
+    Array.from(table.rows[0].cells).forEach((th, col) => {
+      for (let click = 0; click < 2; click++) {
+        th.click();
+        if (!ordered(keys(table, col), th.dataset.dir)) bad.push([t, th.textContent, th.dataset.dir]);
+      }
+    });
+  });
+  return {tables: document.querySelectorAll('table.sortable').length, bad: bad};
+}"""
+
+
+FIRST_TABLE_AFTER = """heading => {
+  const h = Array.from(document.querySelectorAll('h2')).find(e => e.textContent.startsWith(heading));
+  let t = h.nextElementSibling; while (t.tagName !== 'TABLE') t = t.querySelector('table') || t.nextElementSibling;
+  return t; }"""
+
+
+def column(page, heading: str, col: int) -> list:
+    """The visible text of column `col` of the first table after the section `heading`."""
+    return page.evaluate(f"([heading, col]) => Array.from(({FIRST_TABLE_AFTER})(heading).rows).slice(1)"
+                         f".map(r => r.cells[col].textContent)", [heading, col])
+
+
+def click(page, heading: str, header: str) -> None:
+    """A real mouse click on the header cell `header` of the first table after the section `heading`."""
+    page.evaluate_handle(f"([heading, header]) => Array.from(({FIRST_TABLE_AFTER})(heading).rows[0].cells)"
+                         f".find(th => th.textContent === header)", [heading, header]).as_element().click()
+
+
+def test_report_tables_sort_in_a_browser(parity_run, tmp_path, browser):
+    """Every table of the report sorts on a header click (each on its own columns), the per-class table by numbers
+    and back to taxonomic order, the per-rank table by accuracy, with no error in the page."""
+    labelled, out, images, _ = parity_run
+    evaluate_stage(EvaluateSplit(str(labelled), str(out.with_suffix(".parquet")), str(tmp_path / "r"), "train",
+                                 str(images)), EvaluateConfig(fiftyone=False))
+    page = browser.new_page()
+    errors: list = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "r" / "report.html").as_uri())
+    pc = pd.read_csv(tmp_path / "r" / "per_class.csv")
+    assert column(page, "Per class", 0) == pc.name.tolist() == taxonomic_order()  # as written: taxonomic order
+    click(page, "Per class", "ROIs")
+    assert [int(v.replace(",", "")) for v in column(page, "Per class", 1)] == sorted(pc.support, reverse=True)
+    click(page, "Per class", "ROIs")
+    assert [int(v.replace(",", "")) for v in column(page, "Per class", 1)] == sorted(pc.support)
+    click(page, "Per class", "mean distance")
+    shown = column(page, "Per class", 5)
+    known = sorted(pc.mean_distance.dropna(), reverse=True)
+    assert shown == [f"{v:.3f}" for v in known] + ["-"] * int(pc.mean_distance.isna().sum())  # missing last
+    click(page, "Per class", "class")
+    assert column(page, "Per class", 0) == taxonomic_order()
+    ranks = json.loads((tmp_path / "r" / "metrics.json").read_text())["accuracy_per_rank"]
+    click(page, "Accuracy per rank", "accuracy")
+    by_accuracy = sorted((v["accuracy"] for v in ranks.values() if v["accuracy"] is not None), reverse=True)
+    assert column(page, "Accuracy per rank", 1) == [f"{v:.3f}" for v in by_accuracy]
+    result = page.evaluate(CHECK_EVERY_HEADER)
+    assert result["tables"] >= 6 and result["bad"] == [] and errors == []
+    page.close()
+
+
+def test_expected_distance_rule_beside_argmax_and_its_opt_in_csv(parity_run, tmp_path):
+    """From the saved logits: per ROI the rule's answer and distance in rois.csv, its scores in metrics.json and
+    per_class.csv, equal to recomputing them from the CSV; the competition CSV of the rule only when asked."""
+    labelled, out, images, lost = parity_run
+    split = EvaluateSplit(str(labelled), str(out.with_suffix(".parquet")), str(tmp_path / "r"), "train", str(images))
+    evaluate_stage(split, EvaluateConfig(fiftyone=False, expected_distance_csv=True))
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    rule = m["expected_distance_rule"]
+    rois = pd.read_csv(tmp_path / "r" / "rois.csv", keep_default_na=False)
+    predicted = rois[rois.prediction != ""]
+    assert rule["n"] == len(predicted) == 30 - len(lost)
+    assert rule["n_differ"] == int((predicted.rule_prediction != predicted.prediction).sum())
+    recomputed = [distance(t, p) for t, p in zip(predicted.truth, predicted.rule_prediction)]
+    assert (predicted.rule_distance == recomputed).all()
+    assert rule["mean_hierarchical_distance_rule"] == pytest.approx(predicted.rule_distance.mean())
+    assert rule["mean_hierarchical_distance_argmax"] == pytest.approx(m["predicted_only"]["mean_hierarchical_distance"])
+    assert rule["competition_score_rule"] == pytest.approx((predicted.rule_distance.sum() + 12 * len(lost)) / 30)
+    assert rule["expected_distance_rule"] <= rule["expected_distance_argmax"]
+    assert (predicted.rule_expected_distance.astype(float) <= predicted.expected_distance.astype(float) + 1e-6).all()
+    better = (predicted.rule_distance < predicted.distance).sum()
+    assert (rule["n_better"], rule["n_worse"]) == (better, (predicted.rule_distance > predicted.distance).sum())
+    pc = pd.read_csv(tmp_path / "r" / "per_class.csv").set_index("name")
+    by_class = rois.groupby("truth").rule_distance.mean()
+    assert np.allclose(pc.loc[by_class.index, "mean_distance_rule"], by_class, atol=1e-4)
+    csv = pd.read_csv(tmp_path / "r" / "predictions.expected_distance.csv")
+    assert list(csv.columns) == ["annotation_id", "concept_name"]
+    assert dict(zip(csv.annotation_id, csv.concept_name)) == dict(zip(predicted.annotation_id,
+                                                                      predicted.rule_prediction))
+    argmax_csv = pd.read_csv(out)  # the infer stage's competition CSV stays argmax
+    assert dict(zip(argmax_csv.annotation_id, argmax_csv.concept_name)) == dict(zip(predicted.annotation_id,
+                                                                                    predicted.prediction))
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "Beyond argmax" in page and f"{rule['competition_score_rule']:.3f}" in page
+
+    plain = tmp_path / "plain"  # without the option: no rule CSV; from the CSV alone (no logits): no rule at all
+    evaluate_stage(EvaluateSplit(str(labelled), str(out), str(plain), "train"), EvaluateConfig(fiftyone=False))
+    assert not (plain / "predictions.expected_distance.csv").exists()
+    assert "expected_distance_rule" not in json.loads((plain / "metrics.json").read_text())
+    with pytest.raises(ValueError, match="needs the logits"):
+        evaluate_stage(EvaluateSplit(str(labelled), str(out), str(tmp_path / "x"), "train"),
+                       EvaluateConfig(fiftyone=False, expected_distance_csv=True))
+
+
+def test_logits_in_another_column_order_are_refused(parity_run, tmp_path):
+    labelled, out, _, _ = parity_run
+    preds = pd.read_parquet(out.with_suffix(".parquet"))
+    preds["logits"] = [np.asarray(v)[::-1].copy() for v in preds["logits"]]  # columns reversed: argmax moves
+    preds.to_parquet(tmp_path / "shuffled.parquet")
+    with pytest.raises(ValueError, match="the logits' columns are not this file's categories in id order"):
+        score(load_coco(labelled), load_predictions(tmp_path / "shuffled.parquet"))

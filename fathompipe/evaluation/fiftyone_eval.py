@@ -7,15 +7,61 @@ each prediction sits on the ground-truth box with its `annotation_id`. So the sa
 (classwise=False semantics: a wrong label is `fp` on the prediction, `fn` on the ground truth and one
 confusion in the matrix) are written in bulk and registered through FiftyOne's evaluation-method API,
 so `load_evaluation_results`, `to_evaluation_patches` and the App's Model Evaluation panel work as
-after `evaluate_detections`. The review attributes (predicted label, confidence, mistakenness) are
-written on the ground-truth detections in the same bulk write.
+after `evaluate_detections`. The review attributes (predicted label, confidence, mistakenness and the
+expected-distance rule's label) are written on the ground-truth detections in the same bulk write.
+
+What FiftyOne 1.22.1's Model Evaluation panel reads (plugins/panels/model_evaluation): the stored results'
+`classes` (the matrix's rows and columns in that order) plus `missing` ("(none)", always added), the matrix
+from `ytrue`/`ypred`, and its Summary's TP/FP/FN counted from those arrays (FP: ytrue == missing, FN: ypred ==
+missing). With classwise=False every ROI is one matched pair, so a wrong label is an off-diagonal cell, not a
+(none) one, and those two counts read "-" (0); its front end also leaves out every class whose diagonal cell is
+0 (a class the model never gets right). So the stage orders `classes` taxonomically (relatives together, as in
+report.html) and adds the counts and scores the panel cannot derive as the results' custom metrics (rows of its
+Summary): the competition's mean hierarchical distance, the expected-distance rule's, the wrong labels (each an
+FP on the prediction and an FN on the truth in the per-label fields) and the ROIs without a prediction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any, Dict, List, Optional, Tuple
 
-REVIEW_ATTRIBUTES = ("predicted_label", "predicted_confidence", "mistakenness")  # on ground truth, for review
+from fathompipe.evaluation.taxonomy import taxonomic_order
+
+# on ground truth, for review
+REVIEW_ATTRIBUTES = ("predicted_label", "predicted_confidence", "mistakenness", "rule_label")
+CUSTOM_METRIC = "@fathompipe/evaluate/"  # the prefix of the custom metrics' keys (no operator computes them)
+
+
+@dataclass
+class Extras:
+    """What the scoring adds to the stored evaluation: per annotation id the expected-distance rule's label, and
+    the Summary rows (custom metrics): key -> (label in the panel, value, lower is better)."""
+
+    rule: Dict[int, str] = dataclass_field(default_factory=dict)
+    summary: Dict[str, Tuple[str, float, bool]] = dataclass_field(default_factory=dict)
+
+
+def extras(table, metrics: Dict[str, Any]) -> Extras:
+    """From scoring.score's table and metrics (a labelled split)."""
+    out = Extras()
+    if "rule_prediction" in table:
+        known = table[table["rule_prediction"].notna()]
+        out.rule = dict(zip(known["annotation_id"].tolist(), known["rule_prediction"].tolist()))
+    own = metrics.get("predicted_only") or {}
+    if own.get("mean_hierarchical_distance") is not None:
+        out.summary["mean_hierarchical_distance"] = (
+            "Mean hierarchical distance (predicted ROIs)", own["mean_hierarchical_distance"], True)
+    rule = metrics.get("expected_distance_rule") or {}
+    if "mean_hierarchical_distance_rule" in rule:
+        out.summary["mean_hierarchical_distance_rule"] = (
+            "... with the expected-distance rule", rule["mean_hierarchical_distance_rule"], True)
+    if "mean_hierarchical_distance" in metrics:
+        out.summary["competition_score"] = ("Competition score (a missing ROI scores 12)",
+                                            metrics["mean_hierarchical_distance"], True)
+    if "n_disagreements" in metrics:
+        out.summary["wrong_labels"] = ("Wrong labels (an FP and an FN each)", metrics["n_disagreements"], True)
+    out.summary["not_predicted"] = ("ROIs without a prediction (FN)", metrics.get("n_missing_predictions", 0), True)
+    return out
 
 
 @dataclass
@@ -48,8 +94,11 @@ class Attributes:
     matches: List[Tuple]  # FiftyOne's (gt_label, pred_label, iou, confidence, gt_id, pred_id)
 
 
-def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float]) -> Attributes:
-    """The fields `evaluate_detections(classwise=False)` writes when each prediction lies on its own box."""
+def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float],
+               rule: Optional[Dict[int, str]] = None) -> Attributes:
+    """The fields `evaluate_detections(classwise=False)` writes when each prediction lies on its own box, and the
+    review attributes (`rule`: annotation id -> the expected-distance rule's label)."""
+    rule = rule or {}
     id_key, iou_key = f"{eval_key}_id", f"{eval_key}_iou"
     gt_out, pred_out, matches = [], [], []
     counts: Dict[str, List[int]] = {f"{eval_key}_{k}": [] for k in ("tp", "fp", "fn")}
@@ -64,14 +113,14 @@ def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float
             j = pred_of.get(aid) if aid is not None else None
             if j is None:
                 gts.append({eval_key: "fn", id_key: "", iou_key: None, "predicted_label": None,
-                            "predicted_confidence": None, "mistakenness": None})
+                            "predicted_confidence": None, "mistakenness": None, "rule_label": None})
                 matches.append((glabel, None, None, None, gid, None))
                 fn += 1
                 continue
             right = glabel == p_labels[j]
             gts.append({eval_key: "tp" if right else "fn", id_key: p_ids[j], iou_key: 1.0,
                         "predicted_label": p_labels[j], "predicted_confidence": p_confs[j],
-                        "mistakenness": mistakenness.get(aid)})
+                        "mistakenness": mistakenness.get(aid), "rule_label": rule.get(aid)})
             matches.append((glabel, p_labels[j], 1.0, p_confs[j], gid, p_ids[j]))
             tp, fp, fn = (tp + 1, fp, fn) if right else (tp, fp + 1, fn + 1)
         preds = []
@@ -91,8 +140,10 @@ def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float
     return Attributes(gt_out, pred_out, counts, matches)
 
 
-def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float], raw: bool):
+def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float], raw: bool,
+             more: Optional[Extras] = None):
     """Register `eval_key` on `view` (replacing a previous run) and write its fields; returns the results."""
+    more = more or Extras()
     import fiftyone as fo
     from fiftyone.utils.eval.coco import COCOEvaluationConfig
 
@@ -103,21 +154,31 @@ def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float]
     method.register_run(view, eval_key)
     method.register_samples(view, eval_key)
     for attr, ftype in (("predicted_label", fo.StringField), ("predicted_confidence", fo.FloatField),
-                        ("mistakenness", fo.FloatField)):
+                        ("mistakenness", fo.FloatField), ("rule_label", fo.StringField)):
         if not ds.has_sample_field(f"ground_truth.detections.{attr}"):
             ds.add_sample_field(f"ground_truth.detections.{attr}", ftype)
     if not ds.has_sample_field(f"{field}.detections.mistakenness"):
         ds.add_sample_field(f"{field}.detections.mistakenness", fo.FloatField)
-    attrs = attributes(read_labels(view, field), eval_key, mistakenness)
+    attrs = attributes(read_labels(view, field), eval_key, mistakenness, more.rule)
     if raw:
         _write_raw(ds, view, field, attrs)
     else:
         _write_public(view, field, attrs)
     ds.reload()
-    results = method.generate_results(view, attrs.matches, eval_key=eval_key)
+    results = method.generate_results(view, attrs.matches, eval_key=eval_key, classes=panel_classes(attrs.matches))
+    results.custom_metrics = {CUSTOM_METRIC + key: {"key": key, "value": value, "label": label,
+                                                    "lower_is_better": lower}
+                              for key, (label, value, lower) in more.summary.items()}
     method.save_run_results(view, eval_key, results)
     method.add_fields_to_sidebar_group(view, eval_key, omit_fields=(field, "ground_truth"))
     return results
+
+
+def panel_classes(matches: List[Tuple]) -> List[str]:
+    """The names that occur, in taxonomic order (names outside the 79 after them): the panel's matrix order."""
+    seen = {name for m in matches for name in m[:2] if name is not None}
+    order = [n for n in taxonomic_order() if n in seen]
+    return order + sorted(seen - set(order))
 
 
 def _write_public(view, field: str, attrs: Attributes) -> None:

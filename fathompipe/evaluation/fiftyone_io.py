@@ -280,16 +280,16 @@ def _write_raw(ds, view, truth: SplitTruth, coco: Coco, predictions: pd.DataFram
 
 
 def evaluate_in_app(ds, field: str, split: str, eval_key: str, mistakenness: Optional[Dict[int, float]] = None,
-                    raw: Optional[bool] = None) -> Dict[str, str]:
+                    raw: Optional[bool] = None, more=None) -> Dict[str, str]:
     """Store the split's evaluation (per-class results, a true confusion matrix; recomputed on every
     import, so never stale) and save the review views (fiftyone_review). Other evaluations and saved
-    views are left alone. `mistakenness`: annotation_id -> score (scoring.py's)."""
+    views are left alone. `mistakenness`: annotation_id -> score (scoring.py's); `more`: fiftyone_eval.Extras."""
     from fathompipe.evaluation import fiftyone_eval, fiftyone_review
 
     view = split_view(ds, split)
     raw = raw_writes_allowed() if raw is None else raw
-    fiftyone_eval.evaluate(ds, view, field, eval_key, mistakenness or {}, raw)
-    return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key)}
+    fiftyone_eval.evaluate(ds, view, field, eval_key, mistakenness or {}, raw, more)
+    return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key, bool(more and more.rule))}
 
 
 APP_PORT = 5151

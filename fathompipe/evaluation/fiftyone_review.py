@@ -23,27 +23,62 @@ PCA_DIMS_BEFORE_UMAP = 50  # UMAP's neighbour search grows with the dimension; 5
 
 
 def view_names(eval_key: str) -> Dict[str, str]:
-    return {"saved_view": f"{eval_key}-disagreements", "mistakenness_view": f"{eval_key}-mistakenness"}
+    return {"saved_view": f"{eval_key}-disagreements", "mistakenness_view": f"{eval_key}-mistakenness",
+            "rule_view": f"{eval_key}-rule-differs"}
 
 
-def review_patches(view, field: str, eval_key: str, disagreements_only: bool):
-    """Ground-truth patches of the ROIs with a prediction, each carrying its own prediction box."""
+# What each label shows on a patch: FiftyOne 1.22.1 keeps this per browser (localStorage
+# `shownLabelAttributes-<dataset id>`, default: the label only), not in the dataset's app_config
+SHOWN_LABEL_ATTRIBUTES = {"ground_truth": ["label", "predicted_label", "predicted_confidence", "mistakenness",
+                                           "rule_label"], "model_predictions": ["label", "confidence"]}
+
+
+def shown_label_attributes(ds, field: str = "model_predictions") -> Dict[str, str]:
+    """The browser storage entry that makes the App show truth, prediction, confidence, mistakenness and the rule's
+    label on every patch without clicks: {key: JSON value}. Whatever opens the App seeds it where the browser has
+    none yet (a user's own choice is kept); see `seed_script`."""
+    import json
+    shown = {"ground_truth": SHOWN_LABEL_ATTRIBUTES["ground_truth"], field: SHOWN_LABEL_ATTRIBUTES["model_predictions"]}
+    return {f"shownLabelAttributes-{ds._doc.id}": json.dumps(shown)}  # private API (fiftyone 1.22.1): the App's id
+
+
+def seed_script(entries: Dict[str, str]) -> str:
+    """JavaScript that sets each entry of `entries` in localStorage unless the browser already has one."""
+    import json
+    return "".join(f"if (localStorage.getItem({json.dumps(k)}) === null) localStorage.setItem({json.dumps(k)}, "
+                   f"{json.dumps(v)});" for k, v in entries.items())
+
+
+def review_patches(view, field: str, eval_key: str, disagreements_only: bool, rule_differs: bool = False):
+    """Ground-truth patches of the ROIs with a prediction, each carrying its own prediction box (only those the
+    model got wrong, or those where the expected-distance rule answers otherwise, when asked)."""
     from fiftyone import ViewField as F
 
     has_prediction = F(f"{eval_key}_id") != ""
     wanted = (F(eval_key) == "fn") & has_prediction if disagreements_only else has_prediction
+    if rule_differs:
+        wanted = has_prediction & F("rule_label").exists() & (F("rule_label") != F("predicted_label"))
     patches = view.filter_labels("ground_truth", wanted).to_patches("ground_truth", other_fields=[field])
     # "$ground_truth" is the patch's own ground-truth detection: keep only the prediction matched to it
     return patches.filter_labels(field, F("_id").to_string() == F(f"$ground_truth.{eval_key}_id"), only_matches=False)
 
 
-def save_views(ds, view, field: str, eval_key: str) -> Dict[str, str]:
-    """The disagreements, most confident first, and every predicted ROI by mistakenness, most likely wrong first."""
+def save_views(ds, view, field: str, eval_key: str, rule: bool = False) -> Dict[str, str]:
+    """The disagreements, most confident first, every predicted ROI by mistakenness, most likely wrong first, and
+    (`rule`: the split has the expected-distance rule's labels) the ROIs where the rule answers otherwise than
+    argmax, least confident first."""
     names = view_names(eval_key)
     ds.save_view(names["saved_view"], review_patches(view, field, eval_key, True)
                  .sort_by("ground_truth.predicted_confidence", reverse=True), overwrite=True)
     ds.save_view(names["mistakenness_view"], review_patches(view, field, eval_key, False)
                  .sort_by("ground_truth.mistakenness", reverse=True), overwrite=True)
+    if rule:
+        ds.save_view(names["rule_view"], review_patches(view, field, eval_key, False, rule_differs=True)
+                     .sort_by("ground_truth.predicted_confidence"), overwrite=True)
+    else:
+        names.pop("rule_view")
+        if ds.has_saved_view(f"{eval_key}-rule-differs"):  # from a run with logits: now stale
+            ds.delete_saved_view(f"{eval_key}-rule-differs")
     return names
 
 

@@ -3,8 +3,9 @@
 The page leads with the model's score over the ROIs it predicted, its coverage and the competition
 score; then a 79x79 confusion matrix drawn as inline SVG (hover names the pair, its count and
 distance; no network needed), the disagreements most likely to be label errors (highest
-mistakenness) with a crop and the image's file name, per-rank and per-class tables.
-Scores come from `scoring`; this module only renders them.
+mistakenness) with a crop and the image's file name, per-rank and per-class tables, and what the
+expected-distance rule (decision.py) would score beside argmax. Every table sorts on a click on its
+header. Scores come from `scoring`; this module only renders them.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fathompipe import atomic
 from fathompipe.annotations import Coco
 from fathompipe.evaluation.metric import distance
 from fathompipe.evaluation.scoring import Evaluation, confusion_matrix, confusions, per_class
-from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy
+from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
 
 
 N_CANDIDATES = 50  # label-error candidates listed (each gets a crop)
@@ -57,23 +58,27 @@ def write_report(ev: Evaluation, dataset: Coco, out: Path, title: str, images_di
         sections.append(_matrix_html(names, cm))
         sections.append(_candidates_html(table, dataset, images_dir, naming, out, m.get("mistakenness_from")))
         sections.append(_ranks_html(m))
-        pairs = "".join(f"<tr><td>{_e(r.truth)}</td><td>{_e(r.prediction)}</td><td>{r.count}</td>"
-                        f"<td>{r.distance}</td></tr>" for r in conf.head(20).itertuples())
+        pairs = "".join(f"<tr>{_name(r.truth)}{_name(r.prediction)}<td data-v={r.count}>{r.count:,}</td>"
+                        f"<td data-v={r.distance}>{r.distance}</td></tr>" for r in conf.head(20).itertuples())
         sections.append(f"<h2>Most confused pairs</h2><p>All pairs: <a href=confusions.csv>confusions.csv</a>; the "
-                        f"matrix: <a href=confusion_matrix.csv>confusion_matrix.csv</a>.</p><table><tr><th>true</th>"
-                        f"<th>predicted</th><th>count</th><th>distance</th></tr>{pairs}</table>")
+                        f"matrix: <a href=confusion_matrix.csv>confusion_matrix.csv</a>.</p><table class=sortable><tr>"
+                        f"<th class=up>true</th><th class=up>predicted</th><th>count</th><th>distance</th></tr>"
+                        f"{pairs}</table>")
         sections.append(_per_class_html(pc))
     else:
         counts = m["prediction_counts"]
         assert isinstance(counts, dict)
         sections.append("<h2>What the model predicted</h2>"
                         + _bars([(n, c, f"{c:,}") for n, c in counts.items()], "#2a7fb8", ("category", "ROIs")))
+    if "expected_distance_rule" in m:
+        sections.append(_rule_html(m))
     if len(not_predicted):
-        rows = "".join(f"<tr><td>{r.annotation_id}</td><td>{_e(files[r.image_id])}</td><td>{_e(r.not_predicted)}</td>"
-                       f"</tr>" for r in not_predicted.head(N_NOT_PREDICTED).itertuples())
-        sections.append(f"<h2>ROIs without a prediction ({len(not_predicted)})</h2><p>All of them, with every "
-                        f"score: <a href=rois.csv>rois.csv</a> (empty <code>prediction</code>).</p><table><tr>"
-                        f"<th>annotation</th><th>image file</th><th>why</th></tr>{rows}</table>")
+        rows = "".join(f"<tr><td data-v={r.annotation_id}>{r.annotation_id}</td><td>{_e(files[r.image_id])}</td>"
+                       f"<td>{_e(r.not_predicted)}</td></tr>" for r in not_predicted.head(N_NOT_PREDICTED).itertuples())
+        sections.append(f"<h2>ROIs without a prediction ({len(not_predicted):,})</h2><p>All of them, with every "
+                        f"score: <a href=rois.csv>rois.csv</a> (empty <code>prediction</code>).</p>"
+                        f"<table class=sortable><tr><th>annotation</th><th>image file</th><th>why</th></tr>"
+                        f"{rows}</table>")
     atomic.write_json(out / "metrics.json", m)
     extras = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in (extra or {}).items())
     body, contents = _anchored("".join(sections))
@@ -232,9 +237,11 @@ def _crops(dataset: Coco, images_dir: Optional[Path], naming: str, rows: pd.Data
 def _bars(rows: Sequence[Tuple[str, float, str]], color: str, heads: Tuple[str, str]) -> str:
     """A table of labelled horizontal bars (no plotting library, no image files)."""
     top = max([v for _, v, _ in rows] + [1e-12])
-    body = "".join(f"<tr><td>{_e(label)}</td><td data-v={value}>{text}</td><td class=bar><div style='width:"
-                   f"{100 * value / top:.1f}%;background:{color}'></div></td></tr>" for label, value, text in rows)
-    return f"<table class=bars><tr><th>{heads[0]}</th><th>{heads[1]}</th><th></th></tr>{body}</table>"
+    body = "".join(f"<tr><td data-v={k}>{_e(label)}</td><td data-v={value}>{text}</td><td class=bar data-v={value}>"
+                   f"<div style='width:{100 * value / top:.1f}%;background:{color}'></div></td></tr>"
+                   for k, (label, value, text) in enumerate(rows))
+    return (f"<table class='bars sortable'><tr><th class=up>{heads[0]}</th><th>{heads[1]}</th><th></th></tr>"
+            f"{body}</table>")
 
 
 def _ranks_html(m: Dict[str, object]) -> str:
@@ -250,11 +257,70 @@ def _ranks_html(m: Dict[str, object]) -> str:
 
 
 def _per_class_html(pc: pd.DataFrame) -> str:
-    rows = "".join(f"<tr><td>{_e(r.name)}</td><td data-v={r.support}>{r.support:,}</td>{_num(r.precision)}"
-                   f"{_num(r.recall)}{_num(r.f1)}{_num(r.mean_distance)}</tr>" for r in pc.itertuples())
-    return (f"<h2>Per class</h2><p>Taxonomic order; click a column to sort. Also <a href=per_class.csv>per_class.csv"
-            f"</a>.</p><table class=sortable><tr><th>class</th><th>ROIs</th><th>precision</th><th>recall</th>"
-            f"<th>F1</th><th>mean distance</th></tr>{rows}</table>")
+    rule = "mean_distance_rule" in pc
+    rows = "".join(f"<tr>{_name(r.name)}<td data-v={r.support}>{r.support:,}</td>{_num(r.precision)}"
+                   f"{_num(r.recall)}{_num(r.f1)}{_num(r.mean_distance)}"
+                   + (f"{_num(r.mean_distance_rule)}{_num(r.mean_distance_rule - r.mean_distance, signed=True)}"
+                      if rule else "") + "</tr>" for r in pc.itertuples())
+    heads = "<th class=up>class</th>" + "".join(f"<th>{h}</th>" for h in (
+        "ROIs", "precision", "recall", "F1", "mean distance") + (("mean distance, rule", "rule &minus; argmax") if rule
+                                                                 else ()))
+    return ("<h2>Per class</h2><p>Taxonomic order (click <i>class</i> for it again); click a column to sort, again to "
+            "reverse." + (" <i>Mean distance, rule</i>: the expected-distance rule's answers on the same ROIs "
+                           "(below); a negative difference is where it helps." if rule else "")
+            + f" Also <a href=per_class.csv>per_class.csv</a>.</p><table class=sortable><tr>{heads}</tr>{rows}</table>")
+
+
+def _rule_html(m: Dict[str, object]) -> str:
+    """Argmax beside the decision minimizing the expected hierarchical distance under the model's softmax."""
+    r = m["expected_distance_rule"]
+    assert isinstance(r, dict)
+    what = (f"<p>For each ROI the model's softmax p gives every answer y an expected distance E(y) = &Sigma;<sub>c"
+            f"</sub> p(c) d(c, y). Argmax answers the most probable class; the <b>expected-distance rule</b> answers "
+            f"the y with the smallest E(y) among the 79 names, often a broader taxon when the model hesitates between "
+            f"relatives. Under the model's own probabilities it is never worse; on the labels it helps as far as the "
+            f"softmax is calibrated. Both come from the same saved logits. The competition CSV of the infer stage "
+            f"stays argmax; <code>evaluate.expected_distance_csv: true</code> also writes the rule's "
+            f"<code>{_e(RULE_CSV)}</code> here. Per ROI: <code>rule_prediction</code>, <code>rule_distance</code>, "
+            f"<code>expected_distance</code> and <code>rule_expected_distance</code> in <a href=rois.csv>rois.csv</a>; "
+            f"in the App, the saved view <code>&lt;eval_key&gt;-rule-differs</code>.</p>")
+    cards = [(f"{r['n_differ']:,}", f"of the {r['n']:,} predicted ROIs get another answer from the rule")]
+    cards.append((f"{r['expected_distance_argmax']:.3f} &rarr; {r['expected_distance_rule']:.3f}",
+                  "mean expected distance under the model's own softmax, argmax &rarr; rule"))
+    if "mean_hierarchical_distance_rule" in r:
+        before, after = r["mean_hierarchical_distance_argmax"], r["mean_hierarchical_distance_rule"]
+        cards.insert(0, (f"{before:.3f} &rarr; {after:.3f}",
+                         f"mean hierarchical distance over the {r['n']:,} ROIs predicted, argmax &rarr; rule"))
+        cards.insert(1, (f"{m['mean_hierarchical_distance']:.3f} &rarr; {r['competition_score_rule']:.3f}",
+                         "competition score over all ROIs (a missing prediction scores 12), argmax &rarr; rule"))
+        cards.append((f"{r['n_better']:,} / {r['n_worse']:,}", "ROIs where the rule's answer is closer / farther "
+                       f"(accuracy {r['accuracy_argmax']:.3f} &rarr; {r['accuracy_rule']:.3f})"))
+    body = "".join(f"<div class=card><div class=big>{v}</div><div>{t}</div></div>" for v, t in cards)
+    changes = r.get("changes") or []
+    table = ""
+    if changes:
+        rows = "".join(f"<tr>{_name(c['argmax'])}{_name(c['rule'])}<td data-v={c['n']}>{c['n']:,}</td>"
+                       f"{_num(c['mean_distance_argmax'])}{_num(c['mean_distance_rule'])}</tr>" for c in changes)
+        table = (f"<p>The most frequent substitutions (the rule's answer in place of argmax's):</p>"
+                 f"<table class=sortable><tr><th class=up>argmax</th><th class=up>rule</th><th>ROIs</th>"
+                 f"<th>mean distance, argmax</th>"
+                 f"<th>mean distance, rule</th></tr>{rows}</table>")
+    return f"<h2>Beyond argmax: the expected-distance rule</h2>{what}<div class=cards>{body}</div>{table}"
+
+
+RULE_CSV = "predictions.expected_distance.csv"
+
+
+def write_rule_csv(ev: Evaluation, out: Path) -> Path:
+    """The competition CSV (annotation_id,concept_name) with the expected-distance rule's answers, for the ROIs
+    with a prediction (as the infer stage's CSV); needs the logits (predictions.parquet)."""
+    if "rule_prediction" not in ev.table:
+        raise ValueError("evaluate.expected_distance_csv needs the logits: give the infer stage's predictions.parquet")
+    rows = ev.table[ev.table["rule_prediction"].notna()].sort_values("annotation_id")
+    path = out / RULE_CSV
+    atomic.write_text(path, rows[["annotation_id", "rule_prediction"]].rename(
+        columns={"rule_prediction": "concept_name"}).to_csv(index=False))
+    return path
 
 
 def _e(value: object) -> str:
@@ -265,10 +331,20 @@ def _fmt(value: object) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
-def _num(value: object) -> str:
+def _num(value: object, signed: bool = False) -> str:
     """A table cell whose sort key is the number itself (missing sorts last)."""
     text = _fmt(value)
-    return f"<td data-v={'-1' if text == '-' else f'{value:.6f}'}>{text}</td>"
+    if signed and text != "-":
+        text = f"{value:+.3f}"
+    return f"<td data-v={'NaN' if text == '-' else f'{value:.6f}'}>{text}</td>"
+
+
+_POSITION = {n: i for i, n in enumerate(taxonomic_order())}
+
+
+def _name(name: object) -> str:
+    """A class-name cell that sorts in taxonomic order (unknown names after the 79)."""
+    return f"<td data-v={_POSITION.get(str(name), len(_POSITION))}>{_e(name)}</td>"
 
 
 CSS = """body{font-family:sans-serif;max-width:1400px;margin:1.5em auto;color:#222;padding:0 1em}
@@ -285,15 +361,23 @@ margin:0 2px 0 8px;vertical-align:middle;border:1px solid #bbb} .lg{vertical-ali
 padding:6px 9px;font-size:13px;pointer-events:none;box-shadow:2px 2px 6px rgba(0,0,0,.25);max-width:420px}"""
 
 SCRIPT = """
-document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
-  const table = th.closest('table'), rows = Array.from(table.rows).slice(1);
-  const key = r => { const c = r.cells[col];
-    return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; };
-  const dir = th.dataset.dir = th.dataset.dir === 'desc' ? 'asc' : 'desc';
-  rows.sort((a, b) => { const x = key(a), y = key(b); const o = x < y ? -1 : x > y ? 1 : 0;
-    return dir === 'asc' ? o : -o; });
-  rows.forEach(r => table.tBodies[0].appendChild(r));
-}));
+// Each sortable table sorts on its own header's column (th.cellIndex): by data-v where cells have one (numbers;
+// class names by taxonomic position), else by text. First click: ascending for text and for headers of class 'up'
+// (names, ranks), largest first for numbers; a second click reverses. Missing values (NaN) always sort last.
+document.querySelectorAll('table.sortable').forEach(table => {
+  Array.from(table.rows[0].cells).forEach(th => th.addEventListener('click', () => {
+    const col = th.cellIndex, rows = Array.from(table.rows).slice(1);
+    const key = r => { const c = r.cells[col];
+      return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; };
+    const up = th.classList.contains('up') || (rows.length > 0 && rows[0].cells[col].dataset.v === undefined);
+    const dir = th.dataset.dir = th.dataset.dir ? (th.dataset.dir === 'desc' ? 'asc' : 'desc') : (up ? 'asc' : 'desc');
+    Array.from(table.rows[0].cells).forEach(h => { if (h !== th) delete h.dataset.dir; });
+    rows.sort((a, b) => { const x = key(a), y = key(b);
+      if (typeof x === 'number' && (isNaN(x) || isNaN(y))) return isNaN(x) - isNaN(y);
+      const o = typeof x === 'number' ? x - y : x.localeCompare(y); return dir === 'asc' ? o : -o; });
+    rows.forEach(r => table.tBodies[0].appendChild(r));
+  }));
+});
 const svg = document.getElementById('cm'), tip = document.getElementById('tip');
 if (svg && typeof CM !== 'undefined') {
   const rl = svg.querySelectorAll('text.rl'), cl = svg.querySelectorAll('text.cl'), n = CM.names.length;

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fathompipe.annotations import Coco
+from fathompipe.evaluation import decision
 from fathompipe.evaluation.metric import MAX_DISTANCE, distances
 from fathompipe.layout import OutputFiles
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
@@ -112,6 +113,7 @@ def score(dataset: Coco, predictions: pd.DataFrame) -> Evaluation:
     if not metrics["labelled"]:
         metrics["note"] = ("no score can be computed: this split has no labels (category_id is null); "
                            "the report shows the distribution of predictions instead")
+        beside_argmax(table, predictions, dataset, metrics)
         return Evaluation(metrics, table)
 
     table["distance"] = distances(table["truth"].tolist(), table["prediction"].tolist())
@@ -137,6 +139,8 @@ def score(dataset: Coco, predictions: pd.DataFrame) -> Evaluation:
     wrong = table[predicted & ~table["correct"]]
     metrics["n_disagreements"] = len(wrong)
     metrics["n_disagreements_mistakenness_over_0.9"] = int((wrong["mistakenness"] > 0.9).sum())
+    if beside_argmax(table, predictions, dataset, metrics):
+        metrics["per_class"] = per_class(table).set_index("name").to_dict(orient="index")
     return Evaluation(metrics, table)
 
 
@@ -173,8 +177,78 @@ def per_class(table: pd.DataFrame) -> pd.DataFrame:
         recall = np.where(support > 0, hits / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     mean_distance = table.groupby("truth")["distance"].mean()
-    return pd.DataFrame({"name": names, "precision": precision, "recall": recall, "f1": f1, "support": support,
-                         "mean_distance": [float(mean_distance.get(n, np.nan)) for n in names]})
+    out = pd.DataFrame({"name": names, "precision": precision, "recall": recall, "f1": f1, "support": support,
+                        "mean_distance": [float(mean_distance.get(n, np.nan)) for n in names]})
+    if "rule_distance" in table:  # the expected-distance rule beside argmax, over the same ROIs
+        rule = table.groupby("truth")["rule_distance"].mean()
+        out["mean_distance_rule"] = [float(rule.get(n, np.nan)) for n in names]
+    return out
+
+
+N_CHANGES = 20  # the most frequent (argmax, rule) substitutions kept in metrics.json
+
+
+def beside_argmax(table: pd.DataFrame, predictions: pd.DataFrame, dataset: Coco,
+                  metrics: Dict[str, object]) -> bool:
+    """The expected-distance rule (decision.py) from the saved logits, beside argmax. Adds per ROI
+    `rule_prediction`, `expected_distance` (E(argmax) under its softmax), `rule_expected_distance` and, with
+    labels, `rule_distance` (12 without a prediction, as `distance`), and metrics["expected_distance_rule"].
+    False (nothing added) without logits. The logits' columns are the categories in id order (the model's)."""
+    has = table["prediction"].notna().to_numpy()
+    if "logits" not in predictions or not has.any():
+        return False
+    names = dataset.class_names()
+    column = predictions["logits"].reindex(table.loc[has, "annotation_id"]).to_numpy()
+    if any(v is None for v in column):  # logits for only some ROIs: no rule (as mistakenness falls back)
+        return False
+    wrong = next((k for k, v in enumerate(column) if len(v) != len(names)), None)
+    if wrong is not None:
+        raise ValueError(f"predictions: annotation {table.loc[has, 'annotation_id'].iloc[wrong]} has "
+                         f"{len(column[wrong])} logits, but {dataset.path} has {len(names)} categories")
+    rows = decision.CHUNK_ROWS
+    made = decision.decide((np.stack(column[i:i + rows]).astype(np.float32, copy=False)
+                            for i in range(0, len(column), rows)), names)
+    argmax = np.asarray(names, dtype=object)[made.argmax]
+    stated = table.loc[has, "prediction"].to_numpy()
+    for k in np.flatnonzero(argmax != stated):  # a tie between two logits may name either; anything else is wrong
+        if stated[k] not in names or column[k][names.index(stated[k])] < np.max(column[k]):
+            raise ValueError(f"{dataset.path}: annotation {table.loc[has, 'annotation_id'].iloc[k]}: its logits put "
+                             f"{argmax[k]!r} first but its concept_name is {stated[k]!r}: the logits' columns are not "
+                             f"this file's categories in id order")
+    rule_names = np.asarray(names, dtype=object)[made.rule]
+    table["rule_prediction"] = None
+    table.loc[has, "rule_prediction"] = rule_names
+    for name, values in (("expected_distance", made.expected_argmax), ("rule_expected_distance", made.expected_rule)):
+        table[name] = np.nan
+        table.loc[has, name] = values.astype(np.float64)
+    out: Dict[str, object] = {
+        "n": int(has.sum()), "n_differ": int(made.differs.sum()),
+        "expected_distance_argmax": float(made.expected_argmax.astype(np.float64).mean()),
+        "expected_distance_rule": float(made.expected_rule.astype(np.float64).mean())}
+    if metrics.get("labelled"):
+        d = decision.distance_matrix(names)
+        index = {n: i for i, n in enumerate(names)}
+        truth = table.loc[has, "truth"].map(index).to_numpy(np.int64)
+        rule_distance = np.full(len(table), float(MAX_DISTANCE))
+        rule_distance[has] = d[truth, made.rule]
+        table["rule_distance"] = rule_distance.astype(np.int64)
+        argmax_distance = table.loc[has, "distance"].to_numpy()
+        changed = table[has][made.differs].assign(rule_distance=rule_distance[has][made.differs])
+        changes = changed.groupby(["prediction", "rule_prediction"]).agg(
+            n=("annotation_id", "size"), mean_distance_argmax=("distance", "mean"),
+            mean_distance_rule=("rule_distance", "mean")).reset_index().sort_values("n", ascending=False, kind="stable")
+        out.update({
+            "mean_hierarchical_distance_argmax": float(argmax_distance.mean()),
+            "mean_hierarchical_distance_rule": float(rule_distance[has].mean()),
+            "accuracy_argmax": float((truth == made.argmax).mean()),
+            "accuracy_rule": float((truth == made.rule).mean()),
+            "competition_score_rule": float(rule_distance.mean()),
+            "n_better": int((rule_distance[has] < argmax_distance).sum()),
+            "n_worse": int((rule_distance[has] > argmax_distance).sum()),
+            "changes": changes.head(N_CHANGES).rename(columns={"prediction": "argmax", "rule_prediction": "rule"})
+                              .to_dict(orient="records")})
+    metrics["expected_distance_rule"] = out
+    return True
 
 
 def confusions(table: pd.DataFrame) -> pd.DataFrame:
@@ -203,8 +277,8 @@ def headline(metrics: Dict[str, object]) -> str:
     assert isinstance(n, int) and isinstance(k, int) and isinstance(missing, int)
     why = metrics["not_predicted"]
     assert isinstance(why, dict)
-    coverage = (f"{k} of {n} ROIs predicted ({100 * k / max(n, 1):.1f}%)"
-                + (f"; {missing} not: " + ", ".join(f"{c} {r}" for r, c in why.items()) if missing else ""))
+    coverage = (f"{k:,} of {n:,} ROIs predicted ({100 * k / max(n, 1):.1f}%)"
+                + (f"; {missing:,} not: " + ", ".join(f"{c:,} {r}" for r, c in why.items()) if missing else ""))
     if not metrics.get("labelled"):
         return f"{coverage}; {metrics['note']}"
     own = metrics["predicted_only"]

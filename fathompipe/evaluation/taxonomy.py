@@ -37,6 +37,30 @@ def load_taxonomy() -> Dict[str, Taxon]:
     return out
 
 
+# Unranked clades between two of the seven ranks (World Register of Marine Species), for the ORDER only (the
+# metric ignores them): three of the five exception names are such clades, and without them a clade's name sorts
+# apart from its members (Tunicata between Actinopterygii and the fishes, Caridea apart from its shrimps).
+CLADES: Dict[Tuple[str, str], str] = {
+    ("class", "Teleostei"): "Actinopterygii",  # ray-finned fishes
+    ("class", "Thaliacea"): "Tunicata",  # Pyrosoma
+    ("family", "Pandalidae"): "Caridea",  # Heterocarpus, Pandalus
+    ("family", "Lithodidae"): "Anomura",
+    ("family", "Munidopsidae"): "Anomura",
+    ("family", "Epialtidae"): "Brachyura",  # Chorilia
+    ("family", "Oregoniidae"): "Brachyura",  # Chionoecetes
+}
+
+
 def taxonomic_order() -> List[str]:
-    """Names sorted along the tree (phylum, class, ... species): neighbours in plots are relatives."""
-    return sorted(load_taxonomy(), key=lambda n: tuple(load_taxonomy()[n].ranks))
+    """Names sorted along the tree (phylum, class, ... species, with the clades of CLADES between ranks): relatives
+    sit together, a taxon right before the taxa inside it, so neighbours in plots are relatives."""
+    taxonomy = load_taxonomy()
+    clades = set(CLADES.values())
+
+    def key(name: str) -> Tuple[Tuple[str, str], ...]:
+        slots = taxonomy[name].ranks
+        first_empty = slots.index("") if "" in slots else len(slots)
+        return tuple((CLADES.get((rank, slot), "") if slot else
+                      (name if name in clades and i == first_empty else ""), slot)
+                     for i, (rank, slot) in enumerate(zip(RANKS, slots)))
+    return sorted(taxonomy, key=key)
