@@ -44,14 +44,14 @@ def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: 
         if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
             return None
         parts = out.all_parts()
-        ids, counts = _part_ids(parts)
+        ids, counts, width = _part_ids(parts)
         order = np.argsort(ids, kind="stable")
         ann_id = ids[order]
         if (np.diff(ann_id) == 0).any():
             raise RuntimeError(f"{out.parts}: duplicate annotation ids across parts (mixed runs?); delete it and rerun")
         position = np.empty(len(ids), np.int64)
         position[order] = np.arange(len(ids))  # row in part order -> row in the outputs
-        width = _embedding_width(parts) if embeddings else None
+        width = width if embeddings else None
         for stale in ([] if width else [out.embeddings]) + [out.legacy_embeddings]:
             stale.unlink(missing_ok=True)
         scratch_path = out.parts / ".merge.logits.npy"
@@ -75,26 +75,19 @@ def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: 
         return {"predicted": len(ids), "skipped": len(skipped), "embedded": len(ids) if width else 0}
 
 
-def _part_ids(parts: List[Path]) -> Tuple[np.ndarray, List[int]]:
-    """Every part's annotation ids, concatenated in part order, and each part's row count."""
-    chunks = []
+def _part_ids(parts: List[Path]) -> Tuple[np.ndarray, List[int], Optional[int]]:
+    """Every part's annotation ids concatenated in part order, each part's row count, and the embeddings' width when
+    every part with a ROI has them (else None: parts of an earlier version)."""
+    chunks, width, complete = [], None, True
     for part in parts:
         with np.load(part) as z:
             chunks.append(z["annotation_id"])
-    return (np.concatenate(chunks) if chunks else np.empty(0, np.int64)), [len(c) for c in chunks]
-
-
-def _embedding_width(parts: List[Path]) -> Optional[int]:
-    """The embeddings' width when every part (with a ROI) has them, else None (parts of an earlier version)."""
-    width = None
-    for part in parts:
-        with np.load(part) as z:
-            if len(z["annotation_id"]) == 0:
-                continue
-            if "embeddings" not in z.files:
-                return None
-            width = z["embeddings"].shape[1]
-    return width
+            if len(chunks[-1]) and "embeddings" not in z.files:
+                complete = False
+            elif len(chunks[-1]) and width is None:
+                width = z["embeddings"].shape[1]
+    ids = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+    return ids, [len(c) for c in chunks], width if complete else None
 
 
 def _scatter(parts: List[Path], counts: List[int], position: np.ndarray, scratch: RowFile,
@@ -130,7 +123,7 @@ def _write_tables(parquet: Path, csv: Path, coco: Coco, ann_id: np.ndarray, imag
             stop = min(start + CHUNK, len(ann_id))
             logits = scratch.read(start, stop)
             probs = softmax(logits)
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            top = top_k(probs, k)
             top_p = np.take_along_axis(probs, top, axis=1)
             ids, rows = ann_id[start:stop], row_of[start:stop]
             labels = coco.labels(np.maximum(rows, 0))
@@ -149,6 +142,15 @@ def _write_tables(parquet: Path, csv: Path, coco: Coco, ann_id: np.ndarray, imag
                 "note": pa.array(notes[start:stop].tolist(), pa.string()),
             }, schema=SCHEMA))
             fh.write("".join(f"{a},{_csv_field(p)}\n" for a, p in zip(ids.tolist(), predicted.to_pylist())))
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of the k largest values, largest first (ties: lower column first)."""
+    candidates = np.argpartition(-probs, k - 1, axis=1)[:, :k] if k < probs.shape[1] else \
+        np.broadcast_to(np.arange(probs.shape[1]), probs.shape)
+    values = np.take_along_axis(probs, candidates, axis=1)
+    order = np.lexsort((candidates, -values), axis=1)
+    return np.take_along_axis(candidates, order, axis=1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
