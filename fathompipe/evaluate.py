@@ -54,9 +54,13 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
 
 
 def connect(options: EvaluateConfig) -> str:
-    """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs."""
-    from fathompipe.evaluation import fiftyone_env
-    return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file))
+    """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs. The
+    private database, when used, is started here (or joined) with a cache sized from the job's memory, and left
+    when the process exits (the last user stops mongod)."""
+    from fathompipe.evaluation import fiftyone_env, mongod
+    cache_gb = options.database_cache_gb or mongod.cache_gb_for(options.resources.mem_gb)
+    return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file,
+                                                        options.database_dir, cache_gb))
 
 
 def mistakenness_by_roi(table) -> Dict[int, float]:
@@ -103,7 +107,7 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
              if info.get("brain_key") else "")
           + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
              if imported.unmatched else "")
-          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'))}", flush=True)
+          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'), options.database_dir)}", flush=True)
     return info
 
 
