@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 from http.cookies import SimpleCookie
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, quote, urlencode
 
 from fathompipe.evaluation import fiftyone_env, mongod
@@ -85,8 +85,7 @@ class TokenGate:
                                               b"token included, that `python -m fathompipe.app` printed.\n")
 
     @staticmethod
-    async def _respond(send: Send, status: int, body: bytes, headers: List[Tuple[bytes, bytes]]
-                       = ()) -> None:  # type: ignore[assignment]
+    async def _respond(send: Send, status: int, body: bytes, headers: Sequence[Tuple[bytes, bytes]] = ()) -> None:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                 (b"content-length", str(len(body)).encode()), *headers]})

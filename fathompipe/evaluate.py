@@ -2,7 +2,8 @@
 
     python -m fathompipe.evaluate --annotations A --predictions P.csv|P.parquet --report-dir R
         [--split test] [--dataset NAME] [--field model_predictions] [--images-dir D] [--no-fiftyone]
-        [--database-uri mongodb://...] [--deployment NAME] [--env-file .env]
+        [--database-uri mongodb://... | --database-dir D [--database-cache-gb G]] [--deployment NAME]
+        [--env-file .env]
 
 The report (metrics.json, per_class.csv, confusions.csv, rois.csv, report.html) is written first,
 then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs

