@@ -139,8 +139,10 @@ def serve(listener: socket.socket, token: str, dataset: Optional[str], view: Opt
     # the App server's ASGI app, which fiftyone/server/main.py serves with hypercorn (fiftyone 1.22.1)
     from fiftyone.server.app import app as fiftyone_app
 
-    for name in ("fiftyone.operators.store.notification_service", "fiftyone.server.app"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # its start and stop chatter (six lines), not problems
+    # the execution store's start and stop chatter (six lines), and its warning that a standalone mongod has no
+    # change streams, so it polls (expected: change streams need a replica set)
+    logging.getLogger("fiftyone.operators.store.notification_service").setLevel(logging.ERROR)
+    logging.getLogger("fiftyone.server.app").setLevel(logging.WARNING)
     port = listener.getsockname()[1]
     config = Config()
     config.bind = [f"fd://{listener.detach()}"]

@@ -35,6 +35,10 @@ def main(argv: List[str] | None = None) -> int:
         page.on("console", lambda m: failed.append(f"console {m.type}: {m.text[:200]}") if m.type == "error" else None)
         page.goto(args.url, wait_until="domcontentloaded")
         page.wait_for_timeout(args.wait_s * 1000)
+        dismiss = page.get_by_text("Dismiss", exact=True)  # the App's "Explore Enterprise" pop-up over the grid
+        if dismiss.count():
+            dismiss.first.click()
+            page.wait_for_timeout(1000)
         page.screenshot(path=args.out)
         print(f"{args.out}: '{page.title()}' at {page.url.split('?')[0]}")
         browser.close()

@@ -215,4 +215,4 @@ def test_stopping_it_leaves_no_process_behind(app):
     state = ManagedMongod(app.data_dir).state
     written = [p for folder in (app.data_dir, state) for p in folder.rglob("*")
                if p.is_file() and app.token.encode() in p.read_bytes()]
-    assert not written  # the token was printed, and nothing else
+    assert not written and "".join(app.output).count(app.token) == 1  # printed once, in the URL, and nowhere else

@@ -133,6 +133,14 @@ def test_configure_starts_it_without_a_uri_and_respects_one(tmp_path):
     fiftyone_env.release_database()
     assert not mongods_on(db.data_dir)
 
+    # the URI `python -m fathompipe.database` printed, exported in the shell a job is submitted from: the job
+    # (on any node) starts or joins the private database rather than expecting someone else to run it
+    os.environ["FIFTYONE_DATABASE_URI"] = mongod.private_uri(tmp_path / "db")
+    os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path / "db")
+    assert "private_database" in fiftyone_env.configure() and mongod.in_use(db.uri).started
+    fiftyone_env.release_database()
+    del os.environ["FIFTYONE_DATABASE_DIR"]
+
     os.environ.pop("FIFTYONE_DATABASE_URI")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"database_uri": "mongodb://lab-db.example:27017"}))

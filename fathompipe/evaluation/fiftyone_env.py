@@ -104,10 +104,11 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
     if database_uri:
         os.environ["FIFTYONE_DATABASE_URI"] = database_uri
     uri = os.environ.get("FIFTYONE_DATABASE_URI") or str(mongod.fiftyone_config().get("database_uri") or "")
+    data_dir = Path(database_dir) if database_dir else mongod.fiftyone_database_dir()
     managed = mongod.in_use(uri) if uri else None
     if api_connection():
         pass
-    elif uri and managed is None:
+    elif uri and managed is None and uri != mongod.private_uri(data_dir):  # that one: exported from `database`
         if database_dir:
             raise FiftyOneSetupError(f"evaluate.database_dir={database_dir!r} is set, but so is a MongoDB URI "
                                      f"({redact({'u': uri})['u']}, from FIFTYONE_DATABASE_URI, evaluate.database_uri "
@@ -115,8 +116,7 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
         where["database"] = redact({"u": uri})["u"]
     else:
         try:
-            managed = managed or mongod.use(Path(database_dir) if database_dir else mongod.fiftyone_database_dir(),
-                                            cache_gb)
+            managed = managed or mongod.use(data_dir, cache_gb)
         except mongod.MongodError as exc:
             raise FiftyOneSetupError(str(exc)) from None
         os.environ["FIFTYONE_DATABASE_URI"] = managed.uri

@@ -93,10 +93,17 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def runtime_dir() -> Path:
-    """This user's directory for sockets on this node: local to the node (a socket on a shared filesystem
-    would not work) and the same for every session of the user, so they find one another's mongod."""
-    return private_dir(Path("/tmp") / f"fathompipe-{os.getuid()}")
+def state_dir(data_dir: Path) -> Path:
+    """Where the socket and locks of `data_dir`'s mongod live (not created here): this user's directory on this
+    node, local to the node (a socket on a shared filesystem would not work) and the same for every session and
+    node of the user, so they find one another's mongod and the URI is the same everywhere."""
+    key = hashlib.sha256(str(Path(data_dir).expanduser().resolve()).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"fathompipe-{os.getuid()}" / f"mongod-{key}"
+
+
+def private_uri(data_dir: Path) -> str:
+    """The URI of fathompipe's private database on `data_dir` (whether it runs or not)."""
+    return socket_uri(state_dir(data_dir) / "mongod.sock")
 
 
 def socket_uri(path: Path) -> str:
@@ -127,8 +134,7 @@ class ManagedMongod:
         """`cache_gb`: WiredTiger's cache bound; None leaves mongod's default (half the node's memory less 1 GB)."""
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.cache_gb = None if cache_gb is None else max(MIN_CACHE_GB, float(cache_gb))
-        key = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-        self.state = runtime_dir() / f"mongod-{key}"
+        self.state = state_dir(self.data_dir)
         self.socket = self.state / "mongod.sock"
         self.started = False  # this process started the mongod now running
         self._proc: Optional[subprocess.Popen] = None
@@ -151,6 +157,7 @@ class ManagedMongod:
     def acquire(self) -> "ManagedMongod":
         if self._user_fd is not None:
             return self
+        private_dir(self.state.parent)
         private_dir(self.state)
         with self._locked():
             if not self.answers():
