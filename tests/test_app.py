@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import requests
 from conftest import ROOT
 from fathompipe.app import TokenGate
 from fathompipe.evaluation import fiftyone_io
-from fathompipe.evaluation.mongod import ManagedMongod
+from fathompipe.evaluation.mongod import ManagedMongod, state_dir
 from other_user import PROBE, listeners, need_root, other_user
 
 DATASET, VIEW = "app-review", "app-review-disagreements"
@@ -142,6 +143,7 @@ def app(tmp_path_factory, private_fiftyone_database):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    shutil.rmtree(state_dir(data_dir), ignore_errors=True)  # its socket directory in /tmp
 
 
 def test_the_printed_url_opens_the_saved_view_for_its_owner(app):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Dict
 
 from conftest import PARITY, ROOT
+from fathompipe.evaluation.mongod import state_dir
 from support.fakeserver import Faults
 from support.mongod import PrivateMongod
 from pipeline_helpers import all_done, settled, wait_status, write_profile
@@ -90,6 +92,7 @@ def test_train_and_test_with_the_private_database(slurm, tmp_path, fake_fathomne
         assert set(db.datasets.find_one({"name": "fathomnet-2025"})["evaluations"]) == {"eval_model_train"}
     finally:
         mongod.stop()
+        shutil.rmtree(state_dir(db_dir), ignore_errors=True)  # the job's socket directory in /tmp
 
 
 def open_when_released(db_dir: Path, timeout: float = 180) -> PrivateMongod:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from support.mongod import PrivateMongod
 
 
 @pytest.fixture(autouse=True)
-def no_database_uri(fiftyone_db, monkeypatch):
+def no_database_uri(fiftyone_db, monkeypatch, tmp_path):
     """No FIFTYONE_DATABASE_URI (the suite's private mongod), the environment restored afterwards."""
     saved = dict(os.environ)
     for var in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_NAME", "FIFTYONE_DATABASE_DIR", "FIFTYONE_CONFIG_PATH"):
@@ -33,6 +34,7 @@ def no_database_uri(fiftyone_db, monkeypatch):
     mongod.release_all()
     os.environ.clear()
     os.environ.update(saved)
+    shutil.rmtree(mongod.state_dir(tmp_path / "db"), ignore_errors=True)  # its socket directory in /tmp
 
 
 def mongods_on(data_dir: Path) -> list:
