@@ -4,9 +4,11 @@
 
 Serves the shipped demo images (demo/) on loopback in FathomNet's place, uses the parity fixture's
 tiny checkpoint in place of the 16 GB one, runs download, checkpoint, infer and evaluate through
-submitit's local executor with FiftyOne's bundled database (jobs/demo.yaml), and ends with the
-report's path, the headline numbers and how to open the FiftyOne App. Rerunning resumes. It lives with
-the repository, not in the installed package: it needs the stand-in server (support/) and the shipped images.
+submitit's local executor with fathompipe's private FiftyOne database (FiftyOne's mongod on its usual
+data directory, on a socket only you can open; jobs/demo.yaml), and ends with the report's path, the
+headline numbers and the command that opens the FiftyOne App for you alone (`python -m fathompipe.app`).
+Rerunning resumes. It lives with the repository, not in the installed package: it needs the stand-in
+server (support/) and the shipped images.
 """
 from __future__ import annotations
 

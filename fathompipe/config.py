@@ -131,7 +131,13 @@ class EvaluateConfig:
     field: str = dataclasses.field(default="model_predictions", metadata={"help": "the predictions field of a sample"})
     eval_key: str = dataclasses.field(default="eval_model", metadata={"help": "split S is stored as EVAL_KEY_S"})
     database_uri: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "an external MongoDB (default: FiftyOne's bundled database)"})
+        default=None, metadata={"help": "an external MongoDB (default: fathompipe's private database)"})
+    database_dir: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "data directory of fathompipe's private database, FiftyOne's mongod on a "
+                                        "socket only you can open (default: FiftyOne's, ~/.fiftyone/var/lib/mongo)"})
+    database_cache_gb: Optional[float] = dataclasses.field(
+        default=None, metadata={"help": "WiredTiger cache of the private database when the job starts it, in GB "
+                                        "(default: a quarter of evaluate.resources.mem_gb, at least 0.25)"})
     deployment: Optional[str] = dataclasses.field(
         default=None, metadata={"help": "FiftyOne Enterprise deployment NAME: NAME_FIFTYONE_API_URI and "
                                         "NAME_FIFTYONE_API_KEY from the environment or .env"})
@@ -229,6 +235,8 @@ def _expand_paths(cfg: PipelineConfig, source: str) -> None:
         cfg.infer.encoder_config = expand_path(cfg.infer.encoder_config, "infer.encoder_config", source)
     if cfg.evaluate.env_file:
         cfg.evaluate.env_file = expand_path(cfg.evaluate.env_file, "evaluate.env_file", source)
+    if cfg.evaluate.database_dir:
+        cfg.evaluate.database_dir = expand_path(cfg.evaluate.database_dir, "evaluate.database_dir", source)
 
 
 def _check(ok: bool, source: str, key: str, value: Any, why: str) -> None:
@@ -277,6 +285,12 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     if e.database_uri:
         _check(e.database_uri.startswith(("mongodb://", "mongodb+srv://")), source, "evaluate.database_uri",
                redact({"uri": e.database_uri})["uri"], "must start with mongodb:// or mongodb+srv://")
+    if e.database_dir:
+        _check(not e.database_uri and not e.deployment, source, "evaluate.database_dir", e.database_dir,
+               "is for fathompipe's private database; evaluate.database_uri or evaluate.deployment selects another")
+    if e.database_cache_gb is not None:
+        _check(e.database_cache_gb >= 0.25, source, "evaluate.database_cache_gb", e.database_cache_gb,
+               "must be at least 0.25 (mongod's minimum)")
     for stage in ("download", "checkpoint", "infer", "evaluate"):
         r: Resources = getattr(cfg, stage).resources
         prefix = f"{stage}.resources"

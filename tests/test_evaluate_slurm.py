@@ -1,9 +1,11 @@
-"""The evaluate stage on the real Slurm: both splits with FiftyOne's bundled database, and a FiftyOne
-Enterprise deployment whose key must never reach a file, a log or status output."""
+"""The evaluate stage on the real Slurm: both splits with fathompipe's private database (FiftyOne's mongod
+on a socket only the user can open, started and stopped by the job), and a FiftyOne Enterprise deployment
+whose key must never reach a file, a log or status output."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Dict
 
 from conftest import PARITY, ROOT
+from fathompipe.evaluation.mongod import state_dir
 from support.fakeserver import Faults
 from support.mongod import PrivateMongod
 from pipeline_helpers import all_done, settled, wait_status, write_profile
@@ -47,9 +50,10 @@ def fathompipe(module: str, *args: str, env: Dict[str, str], cwd: Path = ROOT) -
                           timeout=300, cwd=cwd, env=env)
 
 
-def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomnet, parity_copy):
-    """No FIFTYONE_DATABASE_URI: the jobs start FiftyOne's own mongod on FIFTYONE_DATABASE_DIR. Two evaluate
-    tasks would start two mongods on that directory; the stage is one task evaluating both splits in turn."""
+def test_train_and_test_with_the_private_database(slurm, tmp_path, fake_fathomnet, parity_copy):
+    """No FIFTYONE_DATABASE_URI: the job starts FiftyOne's mongod on FIFTYONE_DATABASE_DIR, on a Unix socket only,
+    with a WiredTiger cache of a quarter of the job's memory, and stops it when it ends. Two evaluate tasks would
+    start two mongods on that directory; the stage is one task evaluating both splits in turn."""
     from pymongo import MongoClient
 
     profile = two_split_profile(tmp_path, fake_fathomnet, parity_copy)
@@ -66,9 +70,15 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
     for split in ("train", "test"):
         assert (run_dir / "evaluate" / split / "evaluate.done").exists()
     log = "".join(p.read_text() for p in (run_dir / "logs" / "evaluate").glob("*_log.out"))
-    assert "FiftyOne's bundled database" in log and "ServiceListenTimeout" not in log
+    assert f"fathompipe's private database (FiftyOne's mongod on {db_dir}, reachable by this user only" in log
+    assert "WiredTiger cache 0.75 GB" in log and "ServiceListenTimeout" not in log  # mem_gb 3
+    started = [json.loads(line) for line in (db_dir / "log" / "mongo.log").read_text().splitlines()
+               if '"Options set by command line"' in line]
+    assert [s["attr"]["options"]["storage"]["wiredTiger"]["engineConfig"]["cacheSizeGB"] for s in started] == [0.75]
+    bind = started[0]["attr"]["options"]["net"]["bindIp"]
+    assert bind.startswith("/tmp/fathompipe-") and bind.endswith("/mongod.sock")  # a socket path only, no address
 
-    mongod = open_when_released(db_dir)  # the directory the jobs' bundled service wrote, opened afterwards
+    mongod = open_when_released(db_dir)  # the directory the job's mongod wrote, opened afterwards
     try:
         db = MongoClient(mongod.uri)["fiftyone"]
         collection = db[db.datasets.find_one({"name": "fathomnet-2025"})["sample_collection_name"]]
@@ -82,6 +92,7 @@ def test_train_and_test_with_the_bundled_database(slurm, tmp_path, fake_fathomne
         assert set(db.datasets.find_one({"name": "fathomnet-2025"})["evaluations"]) == {"eval_model_train"}
     finally:
         mongod.stop()
+        shutil.rmtree(state_dir(db_dir), ignore_errors=True)  # the job's socket directory in /tmp
 
 
 def open_when_released(db_dir: Path, timeout: float = 180) -> PrivateMongod:

@@ -1,16 +1,10 @@
 """The label-review workflow in the App (issue 13): the stage's evaluation equals FiftyOne's own
 `evaluate_detections`, review views carry truth beside prediction, tags set on their patches survive a
-rerun, mistakenness equals scoring.py's, the winner's embeddings become a Brain visualization, and the
-App command binds to 127.0.0.1 only. Researchers' schema (tests/researchers_dataset.py), private mongod."""
+rerun, mistakenness equals scoring.py's, the winner's embeddings become a Brain visualization (the App
+command: tests/test_app.py). Researchers' schema (tests/researchers_dataset.py), private mongod."""
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Dict, Set
 
@@ -230,41 +224,6 @@ def test_embeddings_map_leaves_out_rois_without_an_embedding(fiftyone_db, inputs
     labels = np.array([predicted[aid_of[i]] for i in results.label_ids])
     spread = np.mean([results.points[labels == c].std(axis=0).mean() for c in set(labels) if (labels == c).sum() > 5])
     assert spread < results.points.std(axis=0).mean() / 2
-
-
-def listening(port: int) -> Set[str]:
-    """Local addresses with a socket in LISTEN state on `port` (/proc/net/tcp and tcp6)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:
-                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]) if len(address) == 8
-                          else address)
-    return found
-
-
-def test_app_command_as_printed_listens_on_loopback_only(fiftyone_db, inputs, tmp_path):
-    ds = ingest_like_researchers("review-app", {"train": inputs["train"]})
-    instructions = fiftyone_io.app_instructions(ds.name, None)
-    assert "address='127.0.0.1'" in instructions and "ssh -L 5151:127.0.0.1:5151" in instructions
-    command = fiftyone_io.app_command(ds.name)
-    with socket.socket() as s:  # port 5151 may be taken on a shared machine: same command, a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = shlex.split(command.replace("port=5151", f"port={port}"))
-    argv[0] = sys.executable
-    app = subprocess.Popen(argv, env=dict(os.environ), start_new_session=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not listening(port) and time.monotonic() < deadline and app.poll() is None:
-            time.sleep(1)
-        assert listening(port) == {"127.0.0.1"}
-    finally:
-        os.killpg(app.pid, 15)
-        app.wait(30)
 
 
 def test_model_evaluation_panel_reads_taxonomic_classes_confusions_and_summary_rows(fiftyone_db, inputs, tmp_path):

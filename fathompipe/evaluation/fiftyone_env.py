@@ -1,8 +1,10 @@
 """Which FiftyOne database a job talks to, chosen inside the job before fiftyone is imported.
 
-FiftyOne reads its connection from the environment at import time: FiftyOne's bundled MongoDB
-(default), an external MongoDB (`FIFTYONE_DATABASE_URI`, or `evaluate.database_uri`), or FiftyOne
-Enterprise through its API (`FIFTYONE_API_URI` + `FIFTYONE_API_KEY`, Enterprise SDK only).
+FiftyOne reads its connection from the environment at import time: fathompipe's private database
+(default: FiftyOne's bundled mongod on FiftyOne's data directory, started by fathompipe on a Unix socket
+only this user can open; mongod.py), an external MongoDB (`FIFTYONE_DATABASE_URI`, config.json's
+`database_uri`, or `evaluate.database_uri`), or FiftyOne Enterprise through its API (`FIFTYONE_API_URI` +
+`FIFTYONE_API_KEY`, Enterprise SDK only).
 A named deployment, as in the researchers' scripts, maps `<NAME>_FIFTYONE_API_URI`/`_KEY` onto the
 two plain variables. Values come from the environment or a `.env` file and are read here, at run
 time, so no secret is ever part of a configuration, a job script, a pickle or a log.
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from fathompipe.config import redact
+from fathompipe.evaluation import mongod
 
 API_URI, API_KEY = "FIFTYONE_API_URI", "FIFTYONE_API_KEY"
 
@@ -72,8 +75,11 @@ def enterprise_sdk_installed() -> bool:
 
 
 def configure(database_uri: Optional[str] = None, deployment: Optional[str] = None,
-              env_file: Optional[str] = None) -> Dict[str, str]:
-    """Set FiftyOne's connection variables for this process; returns a description fit for logs."""
+              env_file: Optional[str] = None, database_dir: Optional[str] = None,
+              cache_gb: float = mongod.INTERACTIVE_CACHE_GB) -> Dict[str, str]:
+    """Set FiftyOne's connection variables for this process; returns a description fit for logs. Without an
+    external database or an API connection, starts (or joins) the private mongod on `database_dir` (default
+    FiftyOne's) with a WiredTiger cache of `cache_gb`, for the rest of the process (`release_database`)."""
     path = dotenv_file(env_file)
     load_dotenv_fiftyone(path)
     source = str(path) if path else "a .env file (none found)"
@@ -97,11 +103,33 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
                                      "choose one")
     if database_uri:
         os.environ["FIFTYONE_DATABASE_URI"] = database_uri
-    if os.environ.get("FIFTYONE_DATABASE_URI") and not api_connection():
-        where["database"] = redact({"u": os.environ["FIFTYONE_DATABASE_URI"]})["u"]
+    uri = os.environ.get("FIFTYONE_DATABASE_URI") or str(mongod.fiftyone_config().get("database_uri") or "")
+    data_dir = Path(database_dir) if database_dir else mongod.fiftyone_database_dir()
+    managed = mongod.in_use(uri) if uri else None
+    if api_connection():
+        pass
+    elif uri and managed is None and uri != mongod.private_uri(data_dir):  # that one: exported from `database`
+        if database_dir:
+            raise FiftyOneSetupError(f"evaluate.database_dir={database_dir!r} is set, but so is a MongoDB URI "
+                                     f"({redact({'u': uri})['u']}, from FIFTYONE_DATABASE_URI, evaluate.database_uri "
+                                     f"or FiftyOne's config.json); choose one")
+        where["database"] = redact({"u": uri})["u"]
+    else:
+        try:
+            managed = managed or mongod.use(data_dir, cache_gb)
+        except mongod.MongodError as exc:
+            raise FiftyOneSetupError(str(exc)) from None
+        os.environ["FIFTYONE_DATABASE_URI"] = managed.uri
+        where.update(private_database=str(managed.data_dir), socket=str(managed.socket),
+                     cache_gb="mongod's default" if managed.cache_gb is None else f"{managed.cache_gb:g} GB")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")  # the bundled mongod 6.0 warns otherwise
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     return where
+
+
+def release_database() -> None:
+    """Leave the private database (the last of this user's processes using it stops mongod); also at exit."""
+    mongod.release_all()
 
 
 def describe(where: Dict[str, str]) -> str:
@@ -110,4 +138,5 @@ def describe(where: Dict[str, str]) -> str:
         return f"FiftyOne Enterprise{name} at {where['api_uri']}"
     if "database" in where:
         return f"the MongoDB at {where['database']}"
-    return "FiftyOne's bundled database"
+    return (f"fathompipe's private database (FiftyOne's mongod on {where['private_database']}, reachable by this "
+            f"user only through {where['socket']}; WiredTiger cache {where['cache_gb']})")

@@ -292,19 +292,17 @@ def evaluate_in_app(ds, field: str, split: str, eval_key: str, mistakenness: Opt
     return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key, bool(more and more.rule))}
 
 
-APP_PORT = 5151
+def app_command(name: str, view: Optional[str] = None, database_dir: Optional[str] = None) -> str:
+    """The App for its user only, until Ctrl-C (fathompipe/app.py): it prints the private URL and the ssh -L line."""
+    import shlex
+    return " ".join(["python -m fathompipe.app --dataset", shlex.quote(name)]
+                    + (["--view", shlex.quote(view)] if view else [])
+                    + (["--database-dir", shlex.quote(database_dir)] if database_dir else []))
 
 
-def app_command(name: str, view: Optional[str] = None) -> str:
-    """Opens the App on this node's loopback only (the open-source App has no login): reach it through a tunnel."""
-    target = f"fo.load_dataset('{name}')" + (f".load_saved_view('{view}')" if view else "")
-    return (f"python -c \"import fiftyone as fo; fo.launch_app({target}, remote=True, address='127.0.0.1', "
-            f"port={APP_PORT}).wait()\"")
-
-
-def app_instructions(name: str, view: Optional[str] = None) -> str:
-    return (f"open it: {app_command(name, view)}  (from a laptop: ssh -L {APP_PORT}:127.0.0.1:{APP_PORT} <node>, "
-            f"then http://127.0.0.1:{APP_PORT})")
+def app_instructions(name: str, view: Optional[str] = None, database_dir: Optional[str] = None) -> str:
+    return (f"open it: {app_command(name, view, database_dir)}  (on this node or a login node; it prints a private "
+            f"URL and the ssh -L line for a laptop, and serves until Ctrl-C)")
 
 
 def summary(ds, field: str, split: str) -> Dict[str, object]:
