@@ -13,7 +13,9 @@ server (support/) and the shipped images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -42,10 +44,20 @@ def main(argv: List[str] | None = None) -> int:
     faults = Faults.realistic(retry_after_s=0, missing=0.0) if args.faults else Faults()
     from fathompipe import submit
 
-    with ServerThread(FakeFathomNet(DEMO / "images", faults)) as server:
-        annotations = run_dir / "dataset_demo.json"
-        text = (DEMO / "dataset_demo.json").read_text().replace("http://127.0.0.1:PORT/images/", server.base_url)
-        annotations.write_text(text)
+    annotations = run_dir / "dataset_demo.json"
+    # a rerun serves on the port of the first run: the run's annotation file (its image URLs) must not change
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/images/", annotations.read_text()).group(1)) \
+        if annotations.exists() else 0
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(ServerThread(FakeFathomNet(DEMO / "images", faults), port=port))
+        except OSError as exc:
+            print(f"demo: cannot serve the images on port {port} again, where this run's annotation file points "
+                  f"({exc}); free the port, or start a new demo with --run-dir", file=sys.stderr)
+            return 1
+        if not annotations.exists():
+            annotations.write_text((DEMO / "dataset_demo.json").read_text()
+                                   .replace("http://127.0.0.1:PORT/images/", server.base_url))
         print(f"demo: serving {DEMO / 'images'} at {server.base_url} in FathomNet's place", flush=True)
         rc = submit.main(["--profile", str(ROOT / "jobs" / "demo.yaml"), f"run_dir={run_dir}",
                           f"data.train.annotations={annotations}", f"data.train.images_dir={run_dir / 'images'}",

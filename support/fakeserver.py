@@ -129,6 +129,7 @@ class ServerThread:
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
+        self._error: Optional[OSError] = None  # the port could not be bound
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -136,7 +137,12 @@ class ServerThread:
         runner = web.AppRunner(self.server.app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", self.port)
-        self._loop.run_until_complete(site.start())
+        try:
+            self._loop.run_until_complete(site.start())
+        except OSError as exc:
+            self._error = exc
+            self._started.set()
+            return
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._runner = runner
         self._started.set()
@@ -150,6 +156,8 @@ class ServerThread:
     def __enter__(self) -> "ServerThread":
         self._thread.start()
         self._started.wait(10)
+        if self._error is not None:
+            raise self._error
         return self
 
     def __exit__(self, *exc: object) -> None:
