@@ -1,34 +1,37 @@
-"""Pillow's bicubic `Image.resize`, bit for bit, as integer tensor operations on any device.
+"""Pillow's bicubic `Image.resize`, bit for bit, as exact integer arithmetic in torch, on any device.
 
 Pillow (src/libImaging/Resample.c, 8 bits per channel) resizes in two separable passes. Per output
 pixel it sums `pixel * k` over the filter's taps in 32-bit integers, where `k` is the bicubic weight
 (a = -0.5) computed in double precision, normalized by the taps' sum and rounded to 22 fractional
 bits; the result is `(2^21 + sum) >> 22` clipped to 0..255, and the first pass's output is rounded
-and clipped that way too before the second pass reads it. This module does the same with the same
-integers: the weights are computed once per (input size, output size) in float64 exactly as Pillow's
-C does (cached), and each pass is a gather of every output pixel's taps, an int32 multiply and an
-integer sum, batched over all the crops of a batch. No float touches a pixel, so the result does not
-depend on the device, its TF32 settings or the order of the sums.
+and clipped that way too before the second pass reads it. This module computes the same integers:
+- the weights: once per (input size, output size), in float64 exactly as Pillow's C does (cached);
+- each pass: for a batch of crops at once, the taps of every tile of TILE outputs are gathered and
+  multiplied by a dense (span x TILE) block of integer weights in one batched matrix product. Every
+  product and partial sum is an integer that the float type holds exactly, so the order in which BLAS
+  adds them does not matter: float64 with whole weights (|sum| < 2^31 < 2^53; on the CPU, where
+  float64 is fast), or float32 with the weights split in base-256 digits (each digit sum < 2^24,
+  exact in float32 even with TF32 or bfloat16 inputs allowed; on GPUs, whose float64 may be slow),
+  recombined in float64. Rounding, clipping and the premultiplication are integer tensor ops.
 
 What `Image.resize(size)` adds around the passes, reproduced here (measured against Pillow 13.0.0,
 tests/test_resize.py):
 - pass order: Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice
-  as many pixels as the width (`h > out_h and h - out_h > 2 * (w - out_w)`); Pillow 11 and 12 always
-  ran the horizontal pass first (PILLOW_VERTICAL_FIRST);
+  as many pixels as the width (`h > out_h and h - out_h > 2 * (w - out_w)`, python-pillow/Pillow#9549);
+  before 13 the horizontal pass always ran first (PILLOW_VERTICAL_FIRST);
 - RGBA and LA are resized premultiplied (RGBa, La) and un-premultiplied after, with Pillow's integer
-  conversions; an image already of the output size is returned as is (no premultiplication);
+  conversions; a crop already of the output size is returned as is (no premultiplication);
 - a pass whose input and output sizes are equal is the identity (its only non-zero weight is 2^22).
 
 Overflow: Pillow accumulates in int32 with 2 spare bits. `coefficients` checks for every table that
-255 times the sum of its positive (negative) weights plus 2^21 stays inside int32, so neither
-Pillow's sums nor ours overflow; ours are summed in int64 anyway.
+255 times the sum of its positive (negative) weights plus 2^21 stays inside int32, so Pillow's sums
+never overflow and ours, held exactly, equal them.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import PIL
@@ -39,9 +42,10 @@ HALF = 1 << (PRECISION_BITS - 1)
 # Pillow 13 changed the pass order for images whose height shrinks much more than their width
 # (python-pillow/Pillow#9549); the rule in `vertical_first` is the one measured on 13.0.0.
 PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
-# Elements (lines x outputs x taps x channels) gathered at once: bounds the temporary memory of a pass
-# to about 16M x (1 byte gathered + 4 multiplied) + 8 bytes per index, whatever the crop sizes.
-CHUNK_ELEMENTS = 1 << 24
+# Elements (crops x tiles x rows x channels x span) gathered at once: bounds a pass's temporary memory (an
+# index, the gathered bytes and their float copy: about 13-17 bytes an element) whatever the crop sizes.
+CHUNK_ELEMENTS = 1 << 25
+TILE = 16  # outputs per block of the banded matrix product
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -85,67 +89,110 @@ def vertical_first(height: int, width: int, out_height: int, out_width: int) -> 
     return PILLOW_VERTICAL_FIRST and height > out_height and height - out_height > 2 * (width - out_width)
 
 
-@dataclass
-class _Lines:
-    """One pass over many 1-D lines of pixels in a (pixels, C) buffer: line i starts at pixel base[i],
-    steps by stride[i] pixels, has length[i] pixels and is resized to `out` pixels."""
-
-    base: np.ndarray
-    stride: np.ndarray
-    length: np.ndarray
-    out: int
-
-
-def _resample(pixels: torch.Tensor, lines: _Lines) -> torch.Tensor:
-    """(lines, out, C) uint8: Pillow's ImagingResampleHorizontal_8bpc along every line. Lines are grouped
-    by tap count, so a small crop's lines are not padded to a large crop's filter length."""
-    device, channels = pixels.device, pixels.shape[1]
-    result = torch.empty((len(lines.length), lines.out, channels), dtype=torch.uint8, device=device)
-    sizes, line_table = np.unique(lines.length, return_inverse=True)
-    tables = [coefficients(int(s), lines.out) for s in sizes]
-    ksizes = np.array([t[1].shape[1] for t in tables])
-    for k in np.unique(ksizes):
-        members = np.flatnonzero(ksizes[line_table] == k)
-        in_group = np.flatnonzero(ksizes == k)
-        starts = torch.from_numpy(np.stack([tables[i][0] for i in in_group])).to(device)
-        weights = torch.from_numpy(np.stack([tables[i][1] for i in in_group])).to(device)
-        local = np.empty(len(sizes), np.int64)
-        local[in_group] = np.arange(len(in_group))
-        taps = torch.arange(int(k), device=device)
-        step = max(1, CHUNK_ELEMENTS // (lines.out * int(k) * channels))
-        for lo in range(0, len(members), step):
-            rows = members[lo:lo + step]
-            table = torch.from_numpy(local[line_table[rows]]).to(device)
-            base, stride, last = (torch.from_numpy(a[rows]).to(device)[:, None, None]
-                                  for a in (lines.base, lines.stride, lines.length - 1))
-            index = base + torch.minimum(starts[table][:, :, None] + taps, last) * stride  # (l, out, k)
-            acc = (pixels[index] * weights[table][..., None]).sum(2)  # uint8 x int32 -> int32, summed in int64
-            result[torch.from_numpy(rows).to(device)] = ((acc + HALF) >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
-    return result
+@functools.lru_cache(maxsize=16384)
+def banded(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """`coefficients` as dense blocks for a matrix product: the outputs in tiles of TILE, tile t reading the
+    `span` inputs from first[t]. Returns first (tiles,) int64 and weights (tiles, span, TILE) int64, zero where an
+    output has no tap. A tile's span is about (TILE + 4) * scale taps, so a 1920-pixel row costs 8x less than
+    a dense (1920 x 256) product."""
+    start, kk = coefficients(in_size, out_size)
+    ksize = kk.shape[1]
+    tiles = -(-out_size // TILE)
+    outputs = np.minimum(np.arange(tiles * TILE), out_size - 1).reshape(tiles, TILE)  # last tile padded
+    first = start[outputs[:, 0]]
+    span = int((start[outputs] + ksize - first[:, None]).max())
+    offset = first[:, None, None] + np.arange(span)[None, :, None] - start[outputs][:, None, :]  # (tiles, span, TILE)
+    inside = (offset >= 0) & (offset < ksize)
+    return first, np.where(inside, kk[outputs[:, None, :], np.clip(offset, 0, ksize - 1)], 0).astype(np.int64)
 
 
-def _two_passes(pixels: torch.Tensor, crops: np.ndarray, size: Tuple[int, int], vfirst: bool) -> torch.Tensor:
-    """(n, out_h, out_w, C) for crops (n, 6) = (first pixel, row stride in pixels, y0, h, x0, w) that all
-    run in the same pass order."""
+def digit_bits(ksize: int) -> int:
+    """Bits per float32 digit (at most 8) such that a pixel times a digit, summed over ksize taps, stays below
+    2^24."""
+    bits = 8
+    while 255 * ((1 << bits) - 1) * ksize >= 1 << 24:
+        bits -= 1
+    return bits
+
+
+@functools.lru_cache(maxsize=16384)
+def block_weights(in_size: int, out_size: int, bits: int) -> np.ndarray:
+    """`banded`'s weights for the matrix product: bits == 0, whole weights as float64 (tiles, span, TILE); else
+    split into base-2^bits digits, the top one signed, as float32 (tiles, span, TILE * digits), digit d of
+    output j in column j * digits + d."""
+    weights = banded(in_size, out_size)[1]
+    if bits == 0:
+        return weights.astype(np.float64)
+    count = -(-(PRECISION_BITS + 2) // bits)
+    planes = [(weights >> (bits * d)) & ((1 << bits) - 1) for d in range(count - 1)]
+    stacked = np.stack(planes + [weights >> (bits * (count - 1))], axis=3)  # (tiles, span, TILE, count)
+    return stacked.reshape(*weights.shape[:2], -1).astype(np.float32)
+
+
+def default_float(device: torch.device) -> torch.dtype:
+    """float64 where it is fast (the CPU), float32 digits on accelerators (consumer GPUs run float64 at 1/64)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def _bucket(n: np.ndarray) -> np.ndarray:
+    """Sizes rounded up to a power of two: the crops of a bucket share each matrix product. On train-like batches
+    this pads the work by about a fifth and leaves about 16 products a batch."""
+    return 1 << np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64)
+
+
+def _pass(source: torch.Tensor, origin: np.ndarray, channel_stride: np.ndarray, length: np.ndarray,
+          stride: np.ndarray, rows: int, row_length: np.ndarray, row_stride: np.ndarray, out: int,
+          channels: int, exact: torch.dtype) -> torch.Tensor:
+    """One of Pillow's passes over n 2-D crops of the flat uint8 `source`: crop i's element (row r, channel c,
+    position p) is at origin + r * row_stride + c * channel_stride + p * stride; each row's `length` positions are
+    resized to `out`. Rows at or past row_length repeat the last row (padding to `rows`). Returns (n, rows, C, out)
+    uint8, rounded and clipped like Pillow's intermediate image."""
+    device, n = source.device, len(length)
+    sizes, table = np.unique(length, return_inverse=True)
+    bits = 0 if exact == torch.float64 else digit_bits(max(coefficients(int(s), out)[1].shape[1] for s in sizes))
+    count = 1 if bits == 0 else -(-(PRECISION_BITS + 2) // bits)
+    bands = [banded(int(s), out)[0] for s in sizes]
+    blocks = [block_weights(int(s), out, bits) for s in sizes]
+    span, tiles = max(b.shape[1] for b in blocks), len(bands[0])
+    weights = torch.from_numpy(np.stack([np.pad(b, ((0, 0), (0, span - b.shape[1]), (0, 0))) for b in blocks])
+                               ).to(device)[torch.from_numpy(table).to(device)]  # (n, tiles, span, TILE * count)
+    first = np.stack(bands)[table]  # (n, tiles)
+    position = np.minimum(first[:, :, None] + np.arange(span), length[:, None, None] - 1) * stride[:, None, None]
+    row = np.minimum(np.arange(rows)[None, :], row_length[:, None] - 1) * row_stride[:, None]  # (n, rows)
+    row_channel = origin[:, None, None] + row[:, :, None] + np.arange(channels) * channel_stride[:, None, None]
+    # the full index (n, tiles, rows, C, span) is made on the device from its two small factors
+    kind = torch.int32 if source.numel() < 2**31 else torch.int64  # a smaller index gathers faster
+    index = (torch.from_numpy(row_channel).to(device, kind)[:, None, :, :, None]
+             + torch.from_numpy(position).to(device, kind)[:, :, None, None, :])
+    gathered = source.index_select(0, index.view(-1)).view(n * tiles, rows * channels, span).to(exact)
+    total = torch.bmm(gathered, weights.view(n * tiles, span, TILE * count))
+    if count > 1:  # recombine the digits' exact sums into Pillow's int32 sum, exactly (< 2^53)
+        powers = torch.tensor([float(1 << (bits * d)) for d in range(count)], dtype=torch.float64, device=device)
+        total = total.view(n * tiles, rows * channels, TILE, count).double() @ powers
+    total = total.view(n, tiles, rows, channels, TILE).permute(0, 2, 3, 1, 4).reshape(n, rows, channels, -1)
+    return torch.floor((total[..., :out] + HALF) * (1.0 / (1 << PRECISION_BITS))).clamp_(0, 255).to(torch.uint8)
+
+
+def _two_passes(source: torch.Tensor, crops: np.ndarray, size: Tuple[int, int], vfirst: bool,
+                exact: torch.dtype) -> torch.Tensor:
+    """(n, out_h, out_w, C) for crops (n, 5) = (first element, row stride in elements, h, w, C) that share a pass
+    order and a bucket: the first pass along x (y if vfirst) for every row (column), then the second pass."""
     out_w, out_h = size
-    origin, row_stride, heights, widths = crops[:, 0], crops[:, 1], crops[:, 3], crops[:, 5]
-    if vfirst:  # axis 1 = y, axis 2 = x
-        len1, stride1, out1, len2, stride2, out2 = heights, row_stride, out_h, widths, np.ones_like(widths), out_w
+    origin, row_stride, heights, widths = crops[:, 0], crops[:, 1], crops[:, 2], crops[:, 3]
+    channels = int(crops[0, 4])
+    one, pixel = np.ones_like(origin), np.full_like(origin, channels)
+    if vfirst:  # resize columns (stride: a row), one per x; then along x
+        len1, stride1, out1, len2, stride2, out2 = heights, row_stride, out_h, widths, pixel, out_w
     else:
-        len1, stride1, out1, len2, stride2, out2 = widths, np.ones_like(widths), out_w, heights, row_stride, out_h
-    # first pass: one line per position along axis 2 (Pillow computes only the lines the second pass reads;
-    # the others cost time but change nothing)
-    owner = np.repeat(np.arange(len(crops)), len2)
-    along = np.arange(len(owner)) - np.repeat(np.cumsum(len2) - len2, len2)
-    first = _resample(pixels, _Lines(origin[owner] + along * stride2[owner], stride1[owner], len1[owner], out1))
-    # second pass: one line per output pixel of the first pass, across that crop's lines
-    line0 = np.cumsum(len2) - len2
-    owner = np.repeat(np.arange(len(crops)), out1)
-    along = np.tile(np.arange(out1), len(crops))
-    second = _resample(first.reshape(-1, pixels.shape[1]),
-                       _Lines(line0[owner] * out1 + along, np.full(len(owner), out1), len2[owner], out2))
-    second = second.reshape(len(crops), out1, out2, -1)
-    return second if vfirst else second.transpose(1, 2)
+        len1, stride1, out1, len2, stride2, out2 = widths, pixel, out_w, heights, row_stride, out_h
+    rows = int(len2.max())
+    first = _pass(source, origin, one, len1, stride1, rows, len2, stride2, out1, channels, exact)  # (n, rows, C, out1)
+    n = len(crops)
+    block = rows * channels * out1
+    # second pass: the first pass's output positions are the rows now, its rows the positions resized
+    second = _pass(first.reshape(-1), np.arange(n) * block, np.full(n, out1), len2, np.full(n, channels * out1),
+                   out1, np.full(n, out1), one, out2, channels, exact)  # (n, out1, C, out2)
+    return second.permute(0, 1, 3, 2) if vfirst else second.permute(0, 3, 1, 2)
 
 
 def premultiply(pixels: torch.Tensor) -> torch.Tensor:
@@ -165,38 +212,47 @@ def unpremultiply(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def resize_windows(pixels: torch.Tensor, width: np.ndarray, windows: np.ndarray,
-                   size: Tuple[int, int] = (256, 256)) -> torch.Tensor:
+                   size: Tuple[int, int] = (256, 256), exact: Optional[torch.dtype] = None) -> torch.Tensor:
     """`Image.resize(size)` (bicubic, no reducing_gap) of each window, in the images' own mode, on the device of
     `pixels`.
 
-    pixels: (P, C) uint8, images of C channels (1 L, 2 LA, 3 RGB, 4 RGBA) one after another, rows of
-    `width` pixels; windows: (n, 5) int64 (first pixel of its image, y0, y1, x0, x1), non-empty, inside the
-    image. Returns (n, size[1], size[0], C) uint8."""
+    pixels: (P, C) uint8, images of C channels (1 L, 2 LA, 3 RGB, 4 RGBA) one after another; width: (n,) the
+    width of each window's image; windows: (n, 5) int64 (first pixel of its image, y0, y1, x0, x1), non-empty,
+    inside the image. exact: the float type of the matrix products (default_float: both give the same bytes).
+    Returns (n, size[1], size[0], C) uint8."""
     out_w, out_h = size
-    channels = pixels.shape[1]
-    n = len(windows)
-    result = torch.empty((n, out_h, out_w, channels), dtype=torch.uint8, device=pixels.device)
+    exact = exact or default_float(pixels.device)
+    device, channels, n = pixels.device, pixels.shape[1], len(windows)
+    result = torch.empty((n, out_h, out_w, channels), dtype=torch.uint8, device=device)
     if n == 0:
         return result
     start, y0, y1, x0, x1 = (windows[:, i] for i in range(5))
     heights, widths = y1 - y0, x1 - x0
     if (heights < 1).any() or (widths < 1).any():
         raise ValueError("resize_windows: every window needs at least one pixel")
-    crops = np.stack([start + y0 * width + x0, width, y0, heights, x0, widths], axis=1)
+    first = start + y0 * width + x0
     same = (heights == out_h) & (widths == out_w)  # Image.resize returns a copy: no passes, no premultiplying
     if same.any():
         yy, xx = np.meshgrid(np.arange(out_h), np.arange(out_w), indexing="ij")
-        index = crops[same, 0][:, None, None] + yy * width[same][:, None, None] + xx
-        result[torch.from_numpy(np.flatnonzero(same)).to(pixels.device)] = pixels[torch.from_numpy(index).to(
-            pixels.device)]
+        index = first[same][:, None, None] + yy * width[same][:, None, None] + xx
+        result[torch.from_numpy(np.flatnonzero(same)).to(device)] = pixels[torch.from_numpy(index).to(device)]
     alpha = channels in (2, 4)
-    source = premultiply(pixels) if alpha and not same.all() else pixels
-    order = np.array([vertical_first(int(h), int(w), out_h, out_w) for h, w in zip(heights, widths)])
-    for vfirst in (False, True):
-        chosen = np.flatnonzero(~same & (order == vfirst))
-        if len(chosen):
-            out = _two_passes(source, crops[chosen], size, vfirst)
-            result[torch.from_numpy(chosen).to(pixels.device)] = unpremultiply(out) if alpha else out
+    source = (premultiply(pixels) if alpha and not same.all() else pixels).reshape(-1)
+    crops = np.stack([first * channels, width * channels, heights, widths, np.full(n, channels)], axis=1)
+    vfirst = np.array([vertical_first(int(h), int(w), out_h, out_w) for h, w in zip(heights, widths)], dtype=bool)
+    len1, len2 = np.where(vfirst, heights, widths), np.where(vfirst, widths, heights)
+    # crops of one pass order and similar sizes share each matrix product, in chunks of bounded memory
+    keys = np.stack([vfirst, _bucket(len2), _bucket(len1)], axis=1)[~same]
+    todo = np.flatnonzero(~same)
+    for key in np.unique(keys, axis=0):
+        members = todo[(keys == key).all(axis=1)]
+        out1 = out_h if key[0] else out_w
+        span = banded(int(len1[members].max()), out1)[1].shape[1]
+        step = max(1, CHUNK_ELEMENTS // (-(-out1 // TILE) * int(len2[members].max()) * channels * span))
+        for lo in range(0, len(members), step):
+            chosen = members[lo:lo + step]
+            out = _two_passes(source, crops[chosen], size, bool(key[0]), exact)
+            result[torch.from_numpy(chosen).to(device)] = unpremultiply(out) if alpha else out
     return result
 
 
