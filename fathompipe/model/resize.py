@@ -165,12 +165,18 @@ def _pass(source: torch.Tensor, origin: np.ndarray, channel_stride: np.ndarray, 
     index = (torch.from_numpy(row_channel).to(device, kind)[:, None, :, :, None]
              + torch.from_numpy(position).to(device, kind)[:, :, None, None, :])
     gathered = source.index_select(0, index.view(-1)).view(n * tiles, rows * channels, span).to(exact)
-    total = torch.bmm(gathered, weights.view(n * tiles, span, TILE * count))
-    if count > 1:  # recombine the digits' exact sums into Pillow's int32 sum, exactly (< 2^53)
-        powers = torch.tensor([float(1 << (bits * d)) for d in range(count)], dtype=torch.float64, device=device)
-        total = total.view(n * tiles, rows * channels, TILE, count).double() @ powers
-    total = total.view(n, tiles, rows, channels, TILE).permute(0, 2, 3, 1, 4).reshape(n, rows, channels, -1)
-    return torch.floor((total[..., :out] + HALF) * (1.0 / (1 << PRECISION_BITS))).clamp_(0, 255).to(torch.uint8)
+    if count == 1:  # Pillow's int32 sum plus its rounding half, exact in float64
+        total = torch.baddbmm(torch.tensor(float(HALF), dtype=exact, device=device), gathered,
+                              weights.view(n * tiles, span, TILE))
+    else:  # recombine the digits' exact sums into Pillow's int32 sum, exactly (< 2^53)
+        sums = torch.bmm(gathered, weights.view(n * tiles, span, TILE * count)).view(n * tiles, rows * channels,
+                                                                                      TILE, count)
+        total = sums[..., 0].double().add_(HALF)
+        for d in range(1, count):
+            total.add_(sums[..., d], alpha=float(1 << (bits * d)))
+    # Pillow's clip8((sum + 2^21) >> 22): clipped first, the exact power-of-two scaling truncates to the same byte
+    pixels = total.clamp_(0, (256 << PRECISION_BITS) - 1).mul_(1.0 / (1 << PRECISION_BITS)).to(torch.uint8)
+    return pixels.view(n, tiles, rows, channels, TILE).permute(0, 2, 3, 1, 4).reshape(n, rows, channels, -1)[..., :out]
 
 
 def _two_passes(source: torch.Tensor, crops: np.ndarray, size: Tuple[int, int], vfirst: bool,
@@ -195,20 +201,31 @@ def _two_passes(source: torch.Tensor, crops: np.ndarray, size: Tuple[int, int], 
     return second.permute(0, 1, 3, 2) if vfirst else second.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=8)
+def _alpha_tables(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's conversions for every (alpha, colour) byte pair, at alpha * 256 + colour: RGBA -> RGBa (MULDIV255
+    of the colour by alpha) and RGBa -> RGBA (255 * colour // alpha clipped, the colour itself at alpha 0 and 255)."""
+    alpha, colour = torch.arange(256).repeat_interleave(256), torch.arange(256).repeat(256)
+    t = colour * alpha + 128
+    multiplied = ((t >> 8) + t) >> 8
+    divided = torch.where((alpha == 0) | (alpha == 255), colour,
+                          torch.div(255 * colour, alpha.clamp(min=1), rounding_mode="floor").clamp(max=255))
+    return multiplied.to(torch.uint8).to(device), divided.to(torch.uint8).to(device)
+
+
+def _by_alpha(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    colour = table[pixels[..., -1:].to(torch.int32) * 256 + pixels[..., :-1]]
+    return torch.cat([colour, pixels[..., -1:]], dim=-1)
+
+
 def premultiply(pixels: torch.Tensor) -> torch.Tensor:
-    """RGBA -> RGBa / LA -> La as Pillow converts (MULDIV255 of each colour by alpha), alpha last."""
-    alpha = pixels[:, -1:].to(torch.int32)
-    t = pixels[:, :-1].to(torch.int32) * alpha + 128
-    return torch.cat([(((t >> 8) + t) >> 8).to(torch.uint8), pixels[:, -1:]], dim=1)
+    """RGBA -> RGBa / LA -> La (alpha last) exactly as Pillow converts."""
+    return _by_alpha(pixels, _alpha_tables(pixels.device)[0])
 
 
 def unpremultiply(pixels: torch.Tensor) -> torch.Tensor:
-    """RGBa -> RGBA / La -> LA as Pillow converts: 255 * colour // alpha, clipped, unless alpha is 0 or 255."""
-    alpha = pixels[..., -1:].to(torch.int32)
-    colour = pixels[..., :-1].to(torch.int32)
-    divided = torch.div(255 * colour, alpha.clamp(min=1), rounding_mode="floor").clamp_(max=255)
-    keep = (alpha == 0) | (alpha == 255)
-    return torch.cat([torch.where(keep, colour, divided).to(torch.uint8), pixels[..., -1:]], dim=-1)
+    """RGBa -> RGBA / La -> LA (alpha last) exactly as Pillow converts."""
+    return _by_alpha(pixels, _alpha_tables(pixels.device)[1])
 
 
 def resize_windows(pixels: torch.Tensor, width: np.ndarray, windows: np.ndarray,
