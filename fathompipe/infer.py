@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from fathompipe import atomic
@@ -152,7 +152,7 @@ class BatchDataset(Dataset):
             "whole_index": cat("whole_index", (0,), np.int64),
             "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
         if self.resize == "device":
-            pixels, shapes = pack_images(images)
+            pixels, shapes = pack_images(images, shared=get_worker_info() is not None)
             batch.update(pixels=pixels, shapes=torch.from_numpy(shapes),
                          windows=torch.from_numpy(np.concatenate(windows) if windows else np.empty((0, 5), np.int64)))
         return batch
@@ -191,6 +191,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def batch_crops(batch: Dict[str, object], device: torch.device) -> Dict[str, torch.Tensor]:
+    """A BatchDataset batch's uint8 (N, 256, 256, 3) obj, env3, env5 and whole crops on `device`: moved there
+    (resize "cpu"), or cut and resized there from the decoded images (resize "device", fathompipe.model.resize)."""
+    keys = ("obj", "env3", "env5", "whole")
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if "pixels" not in tensors:
+        return {k: tensors[k].to(device, non_blocking=True) for k in keys}
+    resized = crops_rgb(tensors["pixels"].to(device, non_blocking=True), tensors["shapes"].numpy(),
+                        tensors["windows"].numpy())
+    return {k: resized[tensors[k].to(device)] for k in keys}
+
+
 def resolve_resize(resize: str, device: torch.device) -> str:
     """auto: crops on the GPU when there is one (the workers then only decode); on the CPU, Pillow in the workers
     (the torch resize costs the main process more there than it saves the workers)."""
@@ -212,17 +224,6 @@ class Predictor:
             torch.backends.cuda.matmul.allow_tf32 = allow
             torch.backends.cudnn.allow_tf32 = allow
 
-    def crops(self, batch: Dict[str, object]) -> Dict[str, torch.Tensor]:
-        """The batch's uint8 (N, 256, 256, 3) obj, env3, env5 and whole crops on the device: moved there (resize
-        "cpu"), or cut and resized there from the decoded images (resize "device", fathompipe.model.resize)."""
-        keys = ("obj", "env3", "env5", "whole")
-        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if "pixels" not in tensors:
-            return {k: tensors[k].to(self.device, non_blocking=True) for k in keys}
-        resized = crops_rgb(tensors["pixels"].to(self.device, non_blocking=True), tensors["shapes"].numpy(),
-                            tensors["windows"].numpy())
-        return {k: resized[tensors[k].to(self.device)] for k in keys}
-
     def __call__(self, batch: Dict[str, object]) -> torch.Tensor:
         """Logits only (the benchmarks compare these across precisions)."""
         return self.predict(batch)[0]
@@ -230,7 +231,7 @@ class Predictor:
     def predict(self, batch: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, classes), embeddings (B, D)): the head's input comes from the same forward pass,
         so saving it changes no logit."""
-        crops = self.crops(batch)
+        crops = batch_crops(batch, self.device)
 
         def prep(key: str) -> torch.Tensor:
             return normalize_uint8(crops[key], self.lut)
