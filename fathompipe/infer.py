@@ -231,7 +231,8 @@ class Predictor:
     def predict(self, batch: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, classes), embeddings (B, D)): the head's input comes from the same forward pass,
         so saving it changes no logit."""
-        crops = batch_crops(batch, self.device)
+        with torch.inference_mode():
+            crops = batch_crops(batch, self.device)
 
         def prep(key: str) -> torch.Tensor:
             return normalize_uint8(crops[key], self.lut)

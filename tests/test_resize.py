@@ -144,3 +144,19 @@ def test_a_batch_mixing_modes_and_empty_windows():
         else:
             want = np.asarray(Image.fromarray(crop, MODES[crop.shape[2]]).resize((256, 256)).convert("RGB"))
         assert np.array_equal(g, want), (i, y0, y1, x0, x1)
+
+
+def test_exact_under_autocast_and_reduced_float32_matmul_precision():
+    """Inside the model's autocast, or with float32 products allowed to run in reduced precision (what TF32 is on
+    a GPU), the float32 digits stay exact: every pixel and digit fits 8 bits."""
+    rng = np.random.default_rng(11)
+    image = random_image(rng, 700, 900, 3)
+    windows = np.array([[0, 700, 0, 900], [10, 60, 20, 90], [0, 700, 0, 3]])
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert_equal(image, windows, torch.float32)
+            assert_equal(image, windows, torch.float64)
+    finally:
+        torch.set_float32_matmul_precision(before)

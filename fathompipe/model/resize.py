@@ -261,18 +261,26 @@ def resize_windows(pixels: torch.Tensor, width: np.ndarray, windows: np.ndarray,
     # crops of one pass order and similar sizes share each matrix product, in chunks of bounded memory
     keys = np.stack([vfirst, _bucket(len2), _bucket(len1)], axis=1)[~same]
     todo = np.flatnonzero(~same)
-    for key in np.unique(keys, axis=0):
-        members = todo[(keys == key).all(axis=1)]
-        out1, out2 = (out_h, out_w) if key[0] else (out_w, out_h)
-        longest1, longest2 = int(len1[members].max()), int(len2[members].max())
-        per_crop = channels * max(-(-out1 // TILE) * longest2 * banded(longest1, out1)[1].shape[1],  # first pass
-                                  -(-out2 // TILE) * out1 * banded(longest2, out2)[1].shape[1])  # second pass
-        step = max(1, CHUNK_ELEMENTS // per_crop)
-        for lo in range(0, len(members), step):
-            chosen = members[lo:lo + step]
-            out = _two_passes(source, crops[chosen], size, bool(key[0]), exact)
-            result[torch.from_numpy(chosen).to(device)] = unpremultiply(out) if alpha else out
+    with torch.autocast(device.type, enabled=False):  # an enclosing autocast would run the products in 16 bits
+        for key in np.unique(keys, axis=0):
+            _resize_group(source, crops, todo[(keys == key).all(axis=1)], bool(key[0]), len1, len2, size, exact,
+                          alpha, result)
     return result
+
+
+def _resize_group(source: torch.Tensor, crops: np.ndarray, members: np.ndarray, vfirst: bool, len1: np.ndarray,
+                  len2: np.ndarray, size: Tuple[int, int], exact: torch.dtype, alpha: bool,
+                  result: torch.Tensor) -> None:
+    """The crops of one pass order and bucket into `result`, in chunks of at most about CHUNK_ELEMENTS gathered."""
+    out1, out2 = (size[1], size[0]) if vfirst else size
+    longest1, longest2 = int(len1[members].max()), int(len2[members].max())
+    per_crop = int(crops[0, 4]) * max(-(-out1 // TILE) * longest2 * banded(longest1, out1)[1].shape[1],  # first pass
+                                      -(-out2 // TILE) * out1 * banded(longest2, out2)[1].shape[1])  # second pass
+    step = max(1, CHUNK_ELEMENTS // per_crop)
+    for lo in range(0, len(members), step):
+        chosen = members[lo:lo + step]
+        out = _two_passes(source, crops[chosen], size, vfirst, exact)
+        result[torch.from_numpy(chosen).to(result.device)] = unpremultiply(out) if alpha else out
 
 
 def to_rgb(crops: torch.Tensor) -> torch.Tensor:
