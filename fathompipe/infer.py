@@ -2,14 +2,16 @@
 
     python -m fathompipe.infer --checkpoint C --annotations A --images-dir D --output OUT.csv
         [--split train|test] [--device cpu|cuda] [--precision fp32|tf32|fp16|bf16]
-        [--batch-size N] [--encoder-config FILE] [--shard I --num-shards K]
+        [--batch-size N] [--encoder-config FILE] [--shard I --num-shards K] [--resize auto|device|cpu]
 
 ROIs are grouped by image into a fixed plan of batches; DataLoader workers decode each image once and
-cut all its crops; the whole-image context is encoded once per image. Every finished batch is saved
+cut all its crops (--resize cpu), or only decode it while the device cuts and resizes the same bytes
+(--resize device); the whole-image context is encoded once per image. Every finished batch is saved
 atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
 where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
 are merged into OUT.csv (competition format), OUT.parquet (confidence, top-5, logits) and
-OUT.embeddings.npz (per ROI, the vector the classifier head sees; fathompipe/embeddings.py).
+OUT.embeddings.npz (per ROI, the vector the classifier head sees; fathompipe/embeddings.py). The parts
+record the options that change results (fathompipe/part_options.py): a rerun with others is refused.
 """
 from __future__ import annotations
 

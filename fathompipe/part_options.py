@@ -19,8 +19,7 @@ from fathompipe import atomic
 from fathompipe.config import InferConfig
 from fathompipe.layout import OutputFiles
 
-FLAGS = {"precision": "--precision", "batch_size": "--batch-size", "shards": "--num-shards",
-         "embeddings": "--embeddings/--no-embeddings"}
+FLAGS = {"precision": "--precision", "batch_size": "--batch-size", "shards": "--num-shards"}
 WHY = {"precision": "merge logits computed at two precisions",
        "batch_size": "skip or repeat ROIs (the plan's batches would hold other ROIs)",
        "shards": "skip or repeat ROIs (the shards would hold other images)",
@@ -41,6 +40,12 @@ def _show(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _flag(key: str, value: object) -> str:
+    if key == "embeddings":
+        return "--embeddings" if value else "--no-embeddings"
+    return f"{FLAGS[key]} {value}"
+
+
 def check_part_options(out: OutputFiles, wanted: Dict[str, object]) -> None:
     """Refuse (PartOptionsMismatch) when OUT.parts holds batches computed with other options; else record `wanted`.
     Under the merge lock, so the shards of one array starting together agree."""
@@ -56,7 +61,8 @@ def check_part_options(out: OutputFiles, wanted: Dict[str, object]) -> None:
                     continue
                 raise PartOptionsMismatch(
                     f"{out.parts} holds batches computed with infer.{key}={_show(old)}, and this run asks for "
-                    f"{_show(new)}: continuing would {WHY[key]}. Rerun with infer.{key}={_show(old)} ({FLAGS[key]}) to "
-                    f"finish that run, or delete {out.parts} to compute every batch with {_show(new)}.")
+                    f"{_show(new)}: continuing would {WHY[key]}. Rerun with infer.{key}={_show(old)} "
+                    f"({_flag(key, old)}) to finish that run, or delete {out.parts} to compute every batch with "
+                    f"{_show(new)}.")
         if recorded != wanted:
             atomic.write_json(record, wanted)
