@@ -16,9 +16,9 @@ and clipped that way too before the second pass reads it. This module computes t
 
 What `Image.resize(size)` adds around the passes, reproduced here (measured against Pillow 13.0.0,
 tests/test_resize.py):
-- pass order: Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice
-  as many pixels as the width (`h > out_h and h - out_h > 2 * (w - out_w)`, python-pillow/Pillow#9549);
-  before 13 the horizontal pass always ran first (PILLOW_VERTICAL_FIRST);
+- pass order (`vertical_first`): Pillow >= 13 runs the vertical pass first when the height shrinks by
+  more than twice as many pixels as the width (`h > out_h and h - out_h > 2 * (w - out_w)`), 12.2 and
+  12.3 when the image is over 100x taller than wide and its height shrinks, earlier versions never;
 - RGBA and LA are resized premultiplied (RGBa, La) and un-premultiplied after, with Pillow's integer
   conversions; a crop already of the output size is returned as is (no premultiplication);
 - a pass whose input and output sizes are equal is the identity (its only non-zero weight is 2^22).
@@ -39,9 +39,7 @@ import torch
 
 PRECISION_BITS = 22
 HALF = 1 << (PRECISION_BITS - 1)
-# Pillow 13 changed the pass order for images whose height shrinks much more than their width
-# (python-pillow/Pillow#9549); the rule in `vertical_first` is the one measured on 13.0.0.
-PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
+PILLOW = tuple(int(part) for part in PIL.__version__.split(".")[:2])
 # Elements (crops x tiles x rows x channels x span) gathered at once: bounds a pass's temporary memory (an
 # index, the gathered bytes and their float copy: about 13-17 bytes an element) whatever the crop sizes.
 CHUNK_ELEMENTS = 1 << 25
@@ -85,8 +83,13 @@ def coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def vertical_first(height: int, width: int, out_height: int, out_width: int) -> bool:
-    """Whether Pillow runs the vertical pass first for this resize (measured rule, see the module doc)."""
-    return PILLOW_VERTICAL_FIRST and height > out_height and height - out_height > 2 * (width - out_width)
+    """Whether the installed Pillow runs the vertical pass first for this resize (measured on 13.0.0, 12.2.0 and
+    11.2.1 by tests/test_resize.py)."""
+    if PILLOW >= (13, 0):  # in C (python-pillow/Pillow#9549): the height shrinks by over twice the width's pixels
+        return height > out_height and height - out_height > 2 * (width - out_width)
+    if PILLOW >= (12, 2):  # in Image.resize (python-pillow/Pillow#9524): over 100x taller than wide, shrinking
+        return height > 100 * width and out_height < height
+    return False
 
 
 @functools.lru_cache(maxsize=16384)
