@@ -1,6 +1,7 @@
-"""Inference benchmark: preprocessing per core, model throughput per precision, and end to end.
+"""Inference benchmark: preprocessing per core, worker CPU per ROI for both resize paths, model throughput per
+precision, the device resize alone, and end to end.
 
-    python bench/infer.py [--sections preprocess,model,e2e] [--device auto] [--quick]
+    python bench/infer.py [--sections preprocess,worker,resize,model,parity,e2e] [--device auto] [--quick]
 
 (a) preprocess: ROI/s on one core, fathompipe (decode each image once, shared whole-image crop,
     LUT normalization) against a straightforward per-ROI implementation of the reference recipe
@@ -8,12 +9,18 @@
     normalize: what C1.TestModel.py's dataset does), on synthetic 1920x1080 PNGs with the train
     split's ROIs-per-image distribution. The headline compares equal work (normalization included);
     every ROI's four inputs are compared bit for bit.
-(b) model: ROI/s for fp32, tf32, fp16 and bf16 on the device, argmax agreement with fp32, peak
+(b) worker: the CPU time one DataLoader worker process spends per ROI (read from /proc when it has produced
+    every batch: decoding, cropping and resizing for infer.resize=cpu, decoding only for device, and handing
+    each batch to the main process through shared memory), both paths over the same batches, side by side.
+(c) resize: the device resize alone (fathompipe.model.resize on --device) per train-like batch, and that its
+    crops equal the cpu path's.
+(d) model: ROI/s for fp32, tf32, fp16 and bf16 on the device, argmax agreement with fp32, peak
     memory. The real 16 GB checkpoint is not available here, so the full-size architecture
     (4 x ViT-L/14) gets random weights, and agreement is also measured on the parity fixture's
     trained tiny model.
-(c) e2e: `fathompipe.infer.run` over a train-like split (synthetic images, random full-size weights)
-    with DataLoader workers: the stage's real ROI/s including decode and preprocessing.
+(e) e2e: `fathompipe.infer.run` over a train-like split (synthetic images, random full-size weights)
+    with DataLoader workers: the stage's real ROI/s including decode and preprocessing, for each
+    --workers count and --resize path.
 Prints one table at the end.
 """
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -184,6 +192,78 @@ def bench_preprocess(folder: Path, ann_path: Path, n_images: int) -> None:
            roi_per_s=f"{worker:.1f}", rois=n_rois, speedup=f"{worker / ref:.2f}x")
 
 
+def train_like_plan(ann_path: Path, n_images: int, batch_size: int = 64) -> list:
+    from fathompipe.annotations import load_coco
+    from fathompipe.infer import plan_batches
+    dataset = load_coco(ann_path)
+    return plan_batches(dataset, dataset.shard(0, 1)[:n_images], batch_size)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _record_pid(folder: str, worker_id: int) -> None:
+    (Path(folder) / f"worker-{os.getpid()}.pid").touch()
+
+
+def worker_cpu(plan: list, folder: Path, resize: str) -> float:
+    """CPU seconds of one DataLoader worker process that produced every batch of `plan`, read while it still lives
+    (it has decoded, cut or not, and handed over every batch: pickling into shared memory included)."""
+    import functools
+    from torch.utils.data import DataLoader
+    from fathompipe.infer import BatchDataset
+    pids = Path(tempfile.mkdtemp())
+    loader = DataLoader(BatchDataset(plan, folder, "file_name", resize), batch_size=None, num_workers=1,
+                        prefetch_factor=2, worker_init_fn=functools.partial(_record_pid, str(pids)))
+    batches = iter(loader)
+    for _ in range(len(plan)):
+        next(batches)
+    seconds = sum(_cpu_seconds(int(p.name[7:-4])) for p in pids.glob("worker-*.pid"))
+    del batches  # the worker exits
+    shutil.rmtree(pids)
+    return seconds
+
+
+def bench_worker(folder: Path, ann_path: Path, n_images: int) -> None:
+    plan = train_like_plan(ann_path, n_images)
+    rois = sum(len(item.annotations) for batch in plan for item in batch)
+    best: Dict[str, float] = {}
+    for _ in range(3):  # interleaved, best of 3: a busy moment on the machine does not decide the ratio
+        for resize in ("cpu", "device"):
+            best[resize] = min(best.get(resize, float("inf")), worker_cpu(plan, folder, resize))
+    what = {"cpu": "decode, crop, resize (Pillow)", "device": "decode only"}
+    for resize in ("cpu", "device"):
+        report("worker", f"infer.resize={resize}: {what[resize]}, CPU per ROI in one DataLoader worker",
+               cpu_ms_per_roi=f"{best[resize] / rois * 1000:.2f}", rois=rois,
+               **({"vs_cpu_path": f"{best['cpu'] / best[resize]:.1f}x lower"} if resize == "device" else {}))
+
+
+def bench_resize(device: torch.device, folder: Path, ann_path: Path, n_images: int) -> None:
+    """The device resize alone over train-like batches (the main process's share of infer.resize=device)."""
+    from fathompipe.infer import BatchDataset, batch_crops
+    plan = train_like_plan(ann_path, n_images)
+    device_batches = BatchDataset(plan, folder, "file_name", "device")
+    cpu_batches = BatchDataset(plan, folder, "file_name", "cpu")
+    batches = [device_batches[i] for i in range(len(plan))]
+    if device.type == "cuda":
+        batches = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    batch_crops(batches[0], device)  # warm-up: coefficient tables, kernels
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    crops = [batch_crops(b, device) for b in batches]
+    sync()
+    seconds = time.perf_counter() - t0
+    rois = sum(len(b["annotation_id"]) for b in batches)
+    same = sum(all(torch.equal(c[k].cpu(), cpu_batches[i][k]) for k in c) for i, c in enumerate(crops))
+    report("resize", f"device resize alone on {device.type}, batches of 64 ROIs (pixels already in host memory)",
+           roi_per_s=f"{rois / seconds:.1f}", ms_per_batch=f"{seconds / len(batches) * 1000:.1f}", rois=rois,
+           identical_tensors=f"{same}/{len(batches)} batches")
+
+
 def full_spec() -> ModelSpec:
     return ModelSpec(hidden_size=1024, num_layers=24, num_heads=16, patch_size=14, image_size=518, mlp_ratio=4,
                      crop_size=256, scales=[3, 5, -1], attn_blocks=4, attn_heads=8,
@@ -283,8 +363,8 @@ def tiny_spec() -> ModelSpec:
     return ModelSpec(32, 2, 4, 14, 518, 4, 256, [3, 5, -1], 4, 8, [f"class{i}" for i in range(79)])
 
 
-def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: int, batch_sizes: List[int],
-              quick: bool, precisions: List[str]) -> None:
+def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: List[int], resizes: List[str],
+              batch_sizes: List[int], quick: bool, precisions: List[str]) -> None:
     from safetensors.torch import save_file
     from fathompipe.config import InferConfig, SplitSource
     from fathompipe.infer import run
@@ -303,23 +383,29 @@ def bench_e2e(device: torch.device, folder: Path, ann_path: Path, workers: int, 
     n_rois = len(json.loads(ann_path.read_text())["annotations"])
     for precision in precisions:
         for batch_size in batch_sizes:
-            out = folder / f"e2e-{precision}-{batch_size}" / "pred.csv"
-            t0 = time.perf_counter()
-            run(InferJob(SplitSource(str(ann_path), str(folder)), str(weights), str(out),
-                         InferConfig(device=str(device), precision=precision, batch_size=batch_size,
-                                     num_workers=workers)), progress=False)
-            dt = time.perf_counter() - t0
-            report("e2e", f"infer.run {precision} ({workers} workers, batch {batch_size}){' quick' if quick else ''}",
-                   rois=n_rois, seconds=f"{dt:.1f}", roi_per_s=f"{n_rois / dt:.1f}")
+            for count in workers:
+                for resize in resizes:  # side by side at each worker count
+                    out = folder / f"e2e-{precision}-{batch_size}-{count}-{resize}" / "pred.csv"
+                    shutil.rmtree(out.parent, ignore_errors=True)  # a run of its own, not the resumption of an earlier
+                    t0 = time.perf_counter()
+                    run(InferJob(SplitSource(str(ann_path), str(folder)), str(weights), str(out),
+                                 InferConfig(device=str(device), precision=precision, batch_size=batch_size,
+                                             num_workers=count, resize=resize)), progress=False)
+                    dt = time.perf_counter() - t0
+                    report("e2e", f"infer.run {precision} resize={resize} ({count} workers, batch {batch_size})"
+                           f"{' quick' if quick else ''}", rois=n_rois, seconds=f"{dt:.1f}",
+                           roi_per_s=f"{n_rois / dt:.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="preprocess,model,parity,e2e")
+    parser.add_argument("--sections", default="preprocess,worker,resize,model,parity,e2e")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=1500, help="synthetic images for e2e")
     parser.add_argument("--preprocess-images", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--workers", default=str(max(1, (os.cpu_count() or 2) - 2)), help="comma-separated, for e2e")
+    parser.add_argument("--resize", default="cpu,device", help="comma-separated infer.resize paths, for e2e")
+    parser.add_argument("--worker-images", type=int, default=40, help="images for the worker and resize sections")
     parser.add_argument("--batch-sizes", default="64", help="comma-separated, for e2e")
     parser.add_argument("--e2e-precisions", default="fp16,bf16")
     parser.add_argument("--e2e-repeat", type=int, default=1, help="run e2e over the images this many times")
@@ -335,10 +421,14 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     n = args.images if not args.quick else 12
     t0 = time.perf_counter()
-    ann = make_split(folder / "images", max(n, args.preprocess_images))
+    ann = make_split(folder / "images", max(n, args.preprocess_images, args.worker_images))
     print(f"synthetic split ready in {time.perf_counter() - t0:.1f}s", flush=True)
     if "preprocess" in sections:
         bench_preprocess(folder / "images", ann, args.preprocess_images if not args.quick else 6)
+    if "worker" in sections:
+        bench_worker(folder / "images", ann, args.worker_images if not args.quick else 6)
+    if "resize" in sections:
+        bench_resize(device, folder / "images", ann, args.worker_images if not args.quick else 6)
     if "parity" in sections:
         bench_parity_agreement(device)
     if "model" in sections:
@@ -346,8 +436,8 @@ def main() -> None:
     if "e2e" in sections:
         e2e_ann = repeat_split(ann, folder / "images", args.e2e_repeat) if args.e2e_repeat > 1 else ann
         precisions = args.e2e_precisions.split(",") if device.type == "cuda" else ["fp32"]
-        bench_e2e(device, folder / "images", e2e_ann, args.workers, [int(b) for b in args.batch_sizes.split(",")],
-                  args.quick, precisions)
+        bench_e2e(device, folder / "images", e2e_ann, [int(w) for w in args.workers.split(",")],
+                  args.resize.split(","), [int(b) for b in args.batch_sizes.split(",")], args.quick, precisions)
     keys = ["section", "variant"] + sorted({k for r in rows for k in r} - {"section", "variant"})
     print(f"\n## bench/infer.py on {name}\n")
     print("| " + " | ".join(keys) + " |")

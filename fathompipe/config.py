@@ -20,6 +20,7 @@ SPLITS = ("train", "test")
 NAMINGS = ("file_name", "image_id")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
+RESIZES = ("auto", "device", "cpu")
 WINNER_GDRIVE_ID = "1dr0BQJm2G9edhJNRu9vaUCdA4lMNeeRo"
 NO_CLI = {"cli": False}  # field metadata: not a command-line option of the stage (fathompipe.cli)
 
@@ -111,6 +112,10 @@ class InferConfig:
                                                                   "parity fixture's); default: 64-dim heads"})
     embeddings: bool = field(default=True, metadata={"help": "write OUT.embeddings.npz, the per-ROI embeddings "
                                                      "(1024 floats a ROI: about 100 MB for the train split)"})
+    resize: str = field(default="cpu", metadata={"choices": RESIZES, "help": "where crops are cut and resized: cpu "
+                                                 "(Pillow in the DataLoader workers), device (the workers only "
+                                                 "decode; bit-identical crops on the inference device), auto "
+                                                 "(device on a GPU, cpu on the CPU)"})
     resources: Resources = field(
         default_factory=lambda: Resources(cpus_per_task=8, mem_gb=32, timeout_min=120, gpus_per_node=1),
         metadata=NO_CLI)
@@ -267,6 +272,7 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
     i = cfg.infer
     _check(i.device in DEVICES, source, "infer.device", i.device, f"must be one of {', '.join(DEVICES)}")
     _check(i.precision in PRECISIONS, source, "infer.precision", i.precision, f"must be one of {', '.join(PRECISIONS)}")
+    _check(i.resize in RESIZES, source, "infer.resize", i.resize, f"must be one of {', '.join(RESIZES)}")
     _check(i.batch_size >= 1, source, "infer.batch_size", i.batch_size, "must be at least 1")
     _check(i.num_workers >= 0, source, "infer.num_workers", i.num_workers, "must be 0 or more")
     _check(i.shards >= 1, source, "infer.shards", i.shards, "must be at least 1")

@@ -2,14 +2,16 @@
 
     python -m fathompipe.infer --checkpoint C --annotations A --images-dir D --output OUT.csv
         [--split train|test] [--device cpu|cuda] [--precision fp32|tf32|fp16|bf16]
-        [--batch-size N] [--encoder-config FILE] [--shard I --num-shards K]
+        [--batch-size N] [--encoder-config FILE] [--shard I --num-shards K] [--resize auto|device|cpu]
 
 ROIs are grouped by image into a fixed plan of batches; DataLoader workers decode each image once and
-cut all its crops; the whole-image context is encoded once per image. Every finished batch is saved
+cut all its crops (--resize cpu), or only decode it while the device cuts and resizes the same bytes
+(--resize device); the whole-image context is encoded once per image. Every finished batch is saved
 atomically as a part file, so a job stopped by its time limit, preemption or scancel continues
 where it stopped, and the result equals one uninterrupted run. When every shard is done, the parts
 are merged (fathompipe/predictions.py, in bounded memory) into OUT.csv (competition format), OUT.parquet
-(confidence, top-5, logits) and OUT.embeddings.npy (per ROI, the vector the classifier head sees).
+(confidence, top-5, logits) and OUT.embeddings.npy (per ROI, the vector the classifier head sees). The parts
+record the options that change results (fathompipe/part_options.py): a rerun with others is refused.
 """
 from __future__ import annotations
 
@@ -26,18 +28,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from fathompipe import atomic
 from fathompipe.annotations import Annotation, Coco, Image, load_coco
 from fathompipe.cli import add_options, from_args
 from fathompipe.model.slim import CheckpointError, read_meta
+from fathompipe.part_options import check_part_options, part_options
 from fathompipe.model.weights import export_slim, load_model
 from fathompipe.jobs import InferJob
 from fathompipe.model.winner import CheckpointMismatch, FathomNetClassifier
 from fathompipe.layout import OutputFiles, SlimFiles
-from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
+from fathompipe.model.preprocess import crop_image, decode, normalization_lut, normalize_uint8, plan_crops
+from fathompipe.model.resize import crops_rgb, pack_images
 from fathompipe.predictions import merge
 
 # Measured (BENCHMARKS.md): on a GPU, fp16 autocast agrees with fp32 and is the fastest such mode.
@@ -76,18 +80,26 @@ def plan_batches(dataset: Coco, images: Sequence[Image], batch_size: int) -> Lis
 
 
 class BatchDataset(Dataset):
-    """Item i is batch i of the plan, fully preprocessed (uint8 crops); run in DataLoader workers."""
+    """Item i is batch i of the plan, run in DataLoader workers. With resize "cpu" a worker decodes, crops and
+    resizes (Pillow): obj, env3, env5 and whole are uint8 (N, 256, 256, 3) crops. With "device" it only decodes:
+    `pixels` holds the batch's images one after another (one buffer, one shared-memory segment), `shapes` their
+    (H, W, C), `windows` (K, 5) the distinct crop windows (image, y0, y1, x0, x1), and obj, env3, env5 and whole
+    are rows of `windows`; Predictor cuts and resizes them on the device, bit-identical to the cpu path."""
 
-    def __init__(self, batches: List[List[Item]], images_dir: Path, naming: str):
+    def __init__(self, batches: List[List[Item]], images_dir: Path, naming: str, resize: str = "cpu"):
         self.batches = batches
         self.images_dir = images_dir
         self.naming = naming
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> Dict[str, object]:
-        obj, env3, env5, whole, whole_index = [], [], [], [], []
+        parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("obj", "env3", "env5", "whole", "whole_index")}
+        images: List[np.ndarray] = []
+        windows: List[np.ndarray] = []
+        n_windows = n_whole = 0
         ann_ids: List[int] = []
         image_ids: List[int] = []
         notes: List[str] = []
@@ -97,30 +109,49 @@ class BatchDataset(Dataset):
             if not path.exists():
                 skipped += [(a.id, item.image.id, f"image missing: {path}") for a in item.annotations]
                 continue
+            bboxes = [a.bbox for a in item.annotations]
             try:
-                crops = crop_image(path, [a.bbox for a in item.annotations])
+                if self.resize == "device":
+                    arr, image_note = decode(path)
+                    plan = plan_crops(arr.shape[0], arr.shape[1], bboxes)
+                else:
+                    crops = crop_image(path, bboxes)
             except Exception as exc:  # a corrupt file must not stop the job
                 skipped += [(a.id, item.image.id, f"image unreadable: {type(exc).__name__}: {exc}")
                             for a in item.annotations]
                 continue
-            whole_index.append(crops.whole_index + sum(len(w) for w in whole))
-            obj.append(crops.obj)
-            env3.append(crops.env[3])
-            env5.append(crops.env[5])
-            whole.append(crops.env[-1])
+            if self.resize == "device":
+                rows = np.asarray(plan.windows, dtype=np.int64).reshape(-1, 4)
+                windows.append(np.column_stack([np.full(len(rows), len(images)), rows]))
+                images.append(arr)
+                for key in ("obj", "env3", "env5", "whole"):
+                    parts[key].append(getattr(plan, key) + n_windows)
+                parts["whole_index"].append(plan.whole_index + n_whole)
+                n_windows, n_whole, roi_notes = n_windows + len(rows), n_whole + len(plan.whole), plan.notes
+            else:
+                for key, crop in (("obj", crops.obj), ("env3", crops.env[3]), ("env5", crops.env[5]),
+                                  ("whole", crops.env[-1])):
+                    parts[key].append(crop)
+                parts["whole_index"].append(crops.whole_index + n_whole)
+                n_whole, image_note, roi_notes = n_whole + len(crops.env[-1]), crops.image_note, crops.notes
             ann_ids += [a.id for a in item.annotations]
             image_ids += [item.image.id] * len(item.annotations)
-            notes += [("; ".join(n for n in (crops.image_note, note) if n)) for note in crops.notes]
+            notes += [("; ".join(n for n in (image_note, note) if n)) for note in roi_notes]
 
-        def cat(parts: List[np.ndarray]) -> torch.Tensor:
-            if not parts:
-                return torch.empty((0, 256, 256, 3), dtype=torch.uint8)
-            return torch.from_numpy(np.concatenate(parts))
+        def cat(key: str, empty: Tuple[int, ...], dtype: type) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(parts[key]) if parts[key] else np.empty(empty, dtype))
 
-        return {"index": index, "obj": cat(obj), "env3": cat(env3), "env5": cat(env5), "whole": cat(whole),
-                "whole_index": (torch.from_numpy(np.concatenate(whole_index)) if whole_index
-                                else torch.empty(0, dtype=torch.long)),
-                "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
+        crop_shape = (0,) if self.resize == "device" else (0, 256, 256, 3)
+        crop_type = np.int64 if self.resize == "device" else np.uint8
+        batch: Dict[str, object] = {
+            "index": index, **{k: cat(k, crop_shape, crop_type) for k in ("obj", "env3", "env5", "whole")},
+            "whole_index": cat("whole_index", (0,), np.int64),
+            "annotation_id": ann_ids, "image_id": image_ids, "note": notes, "skipped": skipped}
+        if self.resize == "device":
+            pixels, shapes = pack_images(images, shared=get_worker_info() is not None)
+            batch.update(pixels=pixels, shapes=torch.from_numpy(shapes),
+                         windows=torch.from_numpy(np.concatenate(windows) if windows else np.empty((0, 5), np.int64)))
+        return batch
 
 
 def granted_gpus() -> Optional[str]:
@@ -156,6 +187,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def batch_crops(batch: Dict[str, object], device: torch.device) -> Dict[str, torch.Tensor]:
+    """A BatchDataset batch's uint8 (N, 256, 256, 3) obj, env3, env5 and whole crops on `device`: moved there
+    (resize "cpu"), or cut and resized there from the decoded images (resize "device", fathompipe.model.resize)."""
+    keys = ("obj", "env3", "env5", "whole")
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if "pixels" not in tensors:
+        return {k: tensors[k].to(device, non_blocking=True) for k in keys}
+    resized = crops_rgb(tensors["pixels"].to(device, non_blocking=True), tensors["shapes"].numpy(),
+                        tensors["windows"].numpy())
+    return {k: resized[tensors[k].to(device)] for k in keys}
+
+
+def resolve_resize(resize: str, device: torch.device) -> str:
+    """auto: crops on the GPU when there is one (the workers then only decode); on the CPU, Pillow in the workers
+    (the torch resize costs the main process more there than it saves the workers)."""
+    if resize == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    return resize
+
+
 class Predictor:
     """The model on a device at a precision; maps a preprocessed batch to fp32 logits and embeddings."""
 
@@ -176,10 +227,11 @@ class Predictor:
     def predict(self, batch: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, classes), embeddings (B, D)): the head's input comes from the same forward pass,
         so saving it changes no logit."""
+        with torch.inference_mode():
+            crops = batch_crops(batch, self.device)
+
         def prep(key: str) -> torch.Tensor:
-            t = batch[key]
-            assert isinstance(t, torch.Tensor)
-            return normalize_uint8(t.to(self.device, non_blocking=True), self.lut)
+            return normalize_uint8(crops[key], self.lut)
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         whole_index = batch["whole_index"]
@@ -212,6 +264,7 @@ def run_shard(job: InferJob, model_files: SlimFiles, dataset: Coco, out: OutputF
         job.options.batch_size, job.options.num_workers
     dev = resolve_device(o.device)
     prec = resolve_precision(o.precision, dev)
+    resize = resolve_resize(o.resize, dev)
     images = dataset.shard(shard, num_shards)
     plan = plan_batches(dataset, images, batch_size)
     todo = [i for i in range(len(plan)) if not out.part(shard, i).exists()]
@@ -222,14 +275,17 @@ def run_shard(job: InferJob, model_files: SlimFiles, dataset: Coco, out: OutputF
     predictor = Predictor(model, dev, prec)
     print(f"infer shard {shard}/{num_shards}: device={dev}"
           f"{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''} precision={prec} "
-          f"batch_size={batch_size} workers={num_workers}; {n_rois} ROIs in {len(images)} images, "
+          f"resize={resize} batch_size={batch_size} workers={num_workers}; {n_rois} ROIs in {len(images)} images, "
           f"{len(plan)} batches, {len(plan) - len(todo)} already done; model loaded in {time.monotonic() - t0:.1f}s",
           flush=True)
     out.parts.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(BatchDataset([plan[i] for i in todo], Path(job.source.images_dir), job.source.naming),
+    # resize "device" batches carry decoded images (about 6 MB each, 150 MB a batch of 64 train-like ROIs): fewer of
+    # them wait in shared memory per worker
+    prefetch = 2 if resize == "device" else 4
+    loader = DataLoader(BatchDataset([plan[i] for i in todo], Path(job.source.images_dir), job.source.naming, resize),
                         batch_size=None,
                         num_workers=num_workers, pin_memory=dev.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                        persistent_workers=False, prefetch_factor=prefetch if num_workers else None)
     counts = {"rois": 0, "skipped": 0}
     first_batch_at: Optional[float] = None
     first_batch_rois = 0
@@ -277,10 +333,13 @@ def run(job: InferJob, progress: bool = True) -> Optional[Dict[str, int]]:
     dataset = load_coco(job.source.annotations)  # a run's annotation table: its columns, no JSON parse
     files = slim_files(job.checkpoint, job.options.encoder_config)
     out = OutputFiles(Path(job.output))
-    if not out.shard_marker(job.shard, job.options.shards).exists():
+    o = job.options
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if o.device == "auto" else o.device
+    check_part_options(out, part_options(o, resolve_precision(o.precision, torch.device(device_type))))
+    if not out.shard_marker(job.shard, o.shards).exists():
         run_shard(job, files, dataset, out, progress)
     class_names = read_meta(files)["spec"]["class_names"]
-    merged = merge(dataset, out, class_names, job.options.shards, job.source.split, job.options.embeddings)
+    merged = merge(dataset, out, class_names, o.shards, job.source.split, o.embeddings)
     if merged is not None:
         kept = f"embeddings in {out.embeddings}" if merged["embedded"] else "no embeddings" + (
             "" if job.options.embeddings else " (infer.embeddings=false)")

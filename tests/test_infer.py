@@ -20,6 +20,7 @@ from fathompipe.model.weights import load_model
 from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run, slim_files
+from fathompipe.part_options import PartOptionsMismatch
 from fathompipe.layout import OutputFiles
 from fathompipe.embeddings import load_embeddings
 
@@ -91,6 +92,53 @@ def test_any_batch_size_gives_the_same_result(parity_copy, tmp_path, batch_size,
     infer(parity_copy, out, batch_size=batch_size, num_workers=workers)
     assert out.read_text() == EXPECTED_CSV
     assert np.abs(logits_by_annotation(out.with_suffix(".parquet")) - EXPECTED_LOGITS).max() < 1e-4
+
+
+def test_resize_on_the_device_gives_the_same_predictions(parity_copy, tmp_path):
+    """infer.resize=device: DataLoader workers (2 processes) only decode and hand over one pixel buffer a batch;
+    the crops are cut and resized by fathompipe.model.resize (here on the CPU). The model sees the same bytes as
+    on the cpu path, so the logits equal that path's exactly, the winner's within the usual tolerance."""
+    cpu, device = tmp_path / "cpu" / "pred.csv", tmp_path / "device" / "pred.csv"
+    infer(parity_copy, cpu, batch_size=7)
+    assert infer(parity_copy, device, batch_size=7, num_workers=2, resize="device") == {
+        "predicted": 30, "skipped": 0, "embedded": 30}
+    logits = logits_by_annotation(device.with_suffix(".parquet"))
+    assert np.array_equal(logits, logits_by_annotation(cpu.with_suffix(".parquet")))
+    assert np.abs(logits - EXPECTED_LOGITS).max() < 1e-4
+    assert (logits.argmax(1) == EXPECTED_LOGITS.argmax(1)).all()
+    assert device.read_text() == EXPECTED_CSV
+    a, b = (pq.read_table(p.with_suffix(".parquet")).to_pandas() for p in (cpu, device))
+    assert a.note.tolist() == b.note.tolist()
+
+
+def test_a_rerun_with_other_options_is_refused_not_mixed(parity_copy, tmp_path, run_cli):
+    """Part files record the options that change results (OUT.parts/options.json): rerunning into the same output
+    with another precision or batch size stops with one clear line instead of mixing batches; the same options
+    (or another resize path, which gives identical crops) continue."""
+    out = tmp_path / "pred.csv"
+    infer(parity_copy, out, batch_size=7)
+    with pytest.raises(PartOptionsMismatch, match=r"infer.batch_size=7, and this run asks for 5.*--batch-size"):
+        infer(parity_copy, out, batch_size=5)
+    proc = run_cli("fathompipe.infer", "--checkpoint", str(parity_copy), "--annotations", str(PARITY / "dataset.json"),
+                   "--images-dir", str(PARITY / "images"), "--output", str(out), "--device", "cpu", "--precision",
+                   "bf16", "--batch-size", "7", "--num-workers", "0", "--encoder-config", ENCODER)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "infer.precision=fp32, and this run asks for bf16" in proc.stderr and f"delete {out.with_suffix('')}" \
+        in proc.stderr.replace(".parts", "")
+    assert infer(parity_copy, out, batch_size=7, resize="device")["predicted"] == 30
+    assert out.read_text() == EXPECTED_CSV
+
+
+def test_no_embeddings_after_a_run_with_them_writes_none(parity_copy, tmp_path):
+    """--no-embeddings into an output whose parts hold embeddings: no embeddings file (they were merged before);
+    asking for embeddings again after that is refused, since parts from then on may have none."""
+    out = tmp_path / "pred.csv"
+    infer(parity_copy, out, batch_size=7)
+    assert OutputFiles(out).embeddings.exists()
+    assert infer(parity_copy, out, batch_size=7, embeddings=False) == {"predicted": 30, "skipped": 0, "embedded": 0}
+    assert not OutputFiles(out).embeddings.exists() and out.read_text() == EXPECTED_CSV
+    with pytest.raises(PartOptionsMismatch, match="infer.embeddings=false, and this run asks for true"):
+        infer(parity_copy, out, batch_size=7)
 
 
 def test_missing_and_unreadable_images_are_skipped_and_listed(parity_copy, tmp_path):

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import PARITY
-from fathompipe.model.preprocess import crop_image, normalization_lut, normalize_uint8
+from fathompipe.model.preprocess import crop_image, decode, normalization_lut, normalize_uint8, plan_crops
+from fathompipe.model.resize import crops_rgb, pack_images
 from support.reference_recipe import reference_roi
 
 PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
@@ -119,3 +120,44 @@ def test_model_inputs_equal_the_winners(ann_id):
             assert np.abs(g - want).max() <= 3 / 255 / 0.224 + 1e-6
         else:
             assert np.array_equal(g, want), name
+
+
+def device_path(path: Path, bboxes) -> tuple:
+    """infer.resize=device: decode only, then the windows cut and resized by fathompipe.model.resize (here on the
+    CPU; the same integer arithmetic runs on a GPU, tests/test_resize.py)."""
+    arr, image_note = decode(path)
+    plan = plan_crops(arr.shape[0], arr.shape[1], bboxes)
+    pixels, shapes = pack_images([arr])
+    windows = np.column_stack([np.zeros(len(plan.windows), np.int64), np.asarray(plan.windows).reshape(-1, 4)])
+    crops = crops_rgb(pixels, shapes, windows).numpy()
+    return ([crops[plan.obj], crops[plan.env3], crops[plan.env5], crops[plan.whole][plan.whole_index]],
+            plan.notes, image_note)
+
+
+def cpu_path(path: Path, bboxes) -> tuple:
+    c = crop_image(path, bboxes)
+    return [c.obj, c.env[3], c.env[5], c.env[-1][c.whole_index]], c.notes, c.image_note
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "JPEG-in-PNG", "RGB48", "P", "I16", "1", "CMYK-JPEG"])
+def test_device_path_gives_the_cpu_paths_bytes(mode_images, mode):
+    """Every mode, every odd box (empty, negative slice ends, tiny, beyond the image), all at once as one image's
+    ROIs: the same uint8 crops, notes and image note, byte for byte."""
+    path = mode_images[mode]
+    bboxes = list(BOXES.values())
+    got, want = device_path(path, bboxes), cpu_path(path, bboxes)
+    for name, g, w in zip(["obj", "env3", "env5", "env-1"], got[0], want[0]):
+        assert g.shape == w.shape and np.array_equal(g, w), f"{mode}: {name}: {int((g != w).sum())} bytes differ"
+    assert got[1:] == want[1:]
+
+
+def test_device_path_on_the_fixtures_images():
+    """The parity fixture's 12 images (1920x1080 down to 333x517, grey, boxes on borders, a 5x7 box) and 30 ROIs."""
+    import json
+    data = json.loads((PARITY / "dataset.json").read_text())
+    for image in data["images"]:
+        bboxes = [a["bbox"] for a in data["annotations"] if a["image_id"] == image["id"]]
+        got, want = device_path(PARITY / "images" / image["file_name"], bboxes), \
+            cpu_path(PARITY / "images" / image["file_name"], bboxes)
+        assert all(np.array_equal(g, w) for g, w in zip(got[0], want[0])), image["file_name"]
+        assert got[1:] == want[1:]

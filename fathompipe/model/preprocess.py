@@ -13,8 +13,11 @@ pixels, differing only where the reference crashes or is silent:
 - the whole-image context is identical for every ROI of an image, so it is resized once per image,
   as is any other window that repeats (a large box's 5x context is the whole image).
 
-Workers hand uint8 HWC crops to the model; normalization (`normalize_uint8`) runs on the device as
-a lookup table that is bit-identical to the reference's float64 rescale then float32 normalize.
+Two paths give the same bytes (infer.resize): `crop_image` decodes, crops and resizes with Pillow in a
+DataLoader worker (cpu); or the worker only decodes and `plan_crops` names the windows, which
+fathompipe.model.resize crops and resizes on the inference device (device). Either way the model
+gets uint8 HWC crops; normalization (`normalize_uint8`) runs on the device as a lookup table that is
+bit-identical to the reference's float64 rescale then float32 normalize.
 """
 from __future__ import annotations
 
@@ -83,15 +86,16 @@ def decode(path: str | Path) -> Tuple[np.ndarray, str]:
             return np.asarray(converted), note
 
 
-def _resize(arr: np.ndarray) -> Tuple[np.ndarray, bool]:
+def _resize(arr: np.ndarray) -> np.ndarray:
     """Pillow's default-filter resize of a crop to 256x256, then convert('RGB') as the processor
-    does. An empty crop gives black, as Pillow does for the reference. Returns (HWC uint8, empty)."""
+    does. An empty crop gives black, as Pillow does for the reference. fathompipe.model.resize
+    computes the same bytes on the inference device."""
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        return np.zeros((CROP, CROP, 3), np.uint8), True
+        return np.zeros((CROP, CROP, 3), np.uint8)
     im = _to_pil(arr).resize((CROP, CROP))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return np.asarray(im), False
+    return np.asarray(im)
 
 
 _MODES = {2: "LA", 3: "RGB", 4: "RGBA"}
@@ -104,8 +108,13 @@ def _to_pil(arr: np.ndarray) -> Image.Image:
     return im
 
 
-def _window(arr: np.ndarray, y1: int, y2: int, x1: int, x2: int) -> np.ndarray:
-    return arr[y1:y2, x1:x2, :]
+Window = Tuple[int, int, int, int]  # (y0, y1, x0, x1) as numpy slicing reads the reference's window: 0 <= y0 <= y1
+
+
+def _extent(start: int, stop: int, size: int) -> Tuple[int, int]:
+    """What numpy's [start:stop] selects along an axis of `size`: a negative stop counts from the end."""
+    first, last, _ = slice(start, stop).indices(size)
+    return first, max(first, last)
 
 
 def roi_windows(bbox: Sequence[float], height: int, width: int) -> dict[str, Tuple[int, int, int, int]]:
@@ -126,45 +135,60 @@ def roi_windows(bbox: Sequence[float], height: int, width: int) -> dict[str, Tup
     return out
 
 
-def _describe(name: str, win: Tuple[int, int, int, int], arr: np.ndarray) -> str:
-    y1, y2, x1, x2 = win
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+def _describe(name: str, raw: Tuple[int, int, int, int], win: Window) -> str:
+    y0, y1, x0, x1 = win
+    if y1 == y0 or x1 == x0:
         return f"{name} crop empty (box outside the image): black, as the reference"
-    if y2 < 0 or x2 < 0:
-        return f"{name} crop has a negative end (box far outside): {arr.shape[1]}x{arr.shape[0]}, as the reference"
+    if raw[1] < 0 or raw[3] < 0:
+        return f"{name} crop has a negative end (box far outside): {x1 - x0}x{y1 - y0}, as the reference"
     return ""
 
 
-def crop_image(path: str | Path, bboxes: Sequence[Sequence[float]]) -> ImageCrops:
-    """Decode `path` once and cut every ROI's four 256x256 inputs from it."""
-    arr, image_note = decode(path)
-    height, width = arr.shape[:2]
+@dataclass
+class CropPlan:
+    """The distinct windows one image's ROIs need, and which ROI uses which: equal windows are resized once
+    (e.g. a large box's 5x context is the whole image), the whole-image crop once per image."""
+
+    windows: List[Window]
+    obj: np.ndarray  # per ROI, its row in `windows`; env3 and env5 likewise
+    env3: np.ndarray
+    env5: np.ndarray
+    whole: np.ndarray  # rows in `windows` of the distinct whole-image crops
+    whole_index: np.ndarray  # per ROI, its row in `whole` (almost always 0: one per image)
+    notes: List[str]  # per ROI, "" when nothing was unusual
+
+
+def plan_crops(height: int, width: int, bboxes: Sequence[Sequence[float]]) -> CropPlan:
+    """Every ROI's four windows on an image of height x width, deduplicated, with what was odd about them."""
+    rows: dict[Window, int] = {}
+    wholes: dict[int, int] = {}
     n = len(bboxes)
-    obj = np.empty((n, CROP, CROP, 3), np.uint8)
-    env = {s: np.empty((n, CROP, CROP, 3), np.uint8) for s in SCALES if s != -1}
-    wholes: dict[Tuple[int, int, int, int], int] = {}
-    whole_crops: List[np.ndarray] = []
+    index = {name: np.empty(n, np.int64) for name in ("obj", "env3", "env5", "env-1")}
     whole_index = np.empty(n, np.int64)
     notes: List[str] = []
-    resized: dict[Tuple[int, int, int, int], np.ndarray] = {}  # equal windows give equal pixels: resize once
     for i, bbox in enumerate(bboxes):
         why: List[str] = []
-        for name, win in roi_windows(bbox, height, width).items():
-            crop = _window(arr, *win)
-            why.append(_describe(name, win, crop))
-            if win not in resized:  # e.g. a large box's 5x context is the whole image
-                resized[win] = _resize(crop)[0]
+        for name, raw in roi_windows(bbox, height, width).items():
+            win = (*_extent(raw[0], raw[1], height), *_extent(raw[2], raw[3], width))
+            why.append(_describe(name, raw, win))
+            index[name][i] = rows.setdefault(win, len(rows))
             if name == "env-1":
-                if win not in wholes:
-                    wholes[win] = len(whole_crops)
-                    whole_crops.append(resized[win])
-                whole_index[i] = wholes[win]
-            else:
-                target = obj if name == "obj" else env[int(name[3:])]
-                target[i] = resized[win]
+                whole_index[i] = wholes.setdefault(int(index[name][i]), len(wholes))
         notes.append("; ".join(w for w in why if w))
-    env[-1] = np.stack(whole_crops) if whole_crops else np.empty((0, CROP, CROP, 3), np.uint8)
-    return ImageCrops(obj, env, whole_index, notes, image_note)
+    return CropPlan(list(rows), index["obj"], index["env3"], index["env5"],
+                    np.array(list(wholes), dtype=np.int64), whole_index, notes)
+
+
+def crop_image(path: str | Path, bboxes: Sequence[Sequence[float]]) -> ImageCrops:
+    """Decode `path` once and cut every ROI's four 256x256 inputs from it, resized with Pillow (the CPU path)."""
+    arr, image_note = decode(path)
+    plan = plan_crops(arr.shape[0], arr.shape[1], bboxes)
+    if not plan.windows:
+        empty = np.empty((0, CROP, CROP, 3), np.uint8)
+        return ImageCrops(empty, {3: empty, 5: empty, -1: empty}, plan.whole_index, plan.notes, image_note)
+    resized = np.stack([_resize(arr[y0:y1, x0:x1, :]) for y0, y1, x0, x1 in plan.windows])
+    env = {3: resized[plan.env3], 5: resized[plan.env5], -1: resized[plan.whole]}
+    return ImageCrops(resized[plan.obj], env, plan.whole_index, plan.notes, image_note)
 
 
 def normalization_lut() -> torch.Tensor:
