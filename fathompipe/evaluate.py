@@ -26,9 +26,10 @@ from fathompipe.evaluation import fiftyone_eval, fiftyone_review
 from fathompipe.evaluation.fiftyone_env import FiftyOneSetupError
 from fathompipe.evaluation.fiftyone_io import FiftyOneDataError
 from fathompipe.evaluation.report import write_report, write_rule_csv
-from fathompipe.evaluation.scoring import headline, load_predictions, score
+from fathompipe.evaluation.scoring import headline, score
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
+from fathompipe.predictions import read_predictions
 
 
 def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[str, object]:
@@ -36,8 +37,8 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     options = options or EvaluateConfig()
     t0 = time.monotonic()
     out = Path(split.report_dir)
-    dataset = load_coco(split.annotations)
-    preds = load_predictions(split.predictions)
+    dataset = load_coco(split.annotations)  # a run's annotation table: memory-mapped columns
+    preds = read_predictions(split.predictions)  # compact columns; the logits stay in the parquet
     ev = score(dataset, preds)
     extra = {"annotations": split.annotations, "predictions": split.predictions, "split": split.split}
     report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
@@ -48,10 +49,11 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
                                  "headline": headline(ev.metrics)}
     if options.fiftyone:
-        result["fiftyone"] = load_fiftyone(dataset, preds, bool(ev.metrics["labelled"]), split, options,
-                                           mistakenness_by_roi(ev.table),
+        from fathompipe.evaluation.fiftyone_io import RoiValues
+        result["fiftyone"] = load_fiftyone(dataset, RoiValues.of(dataset, preds, ev.table),
+                                           bool(ev.metrics["labelled"]), split, options,
                                            fiftyone_review.embeddings_beside(Path(split.predictions)),
-                                           fiftyone_eval.extras(ev.table, ev.metrics))
+                                           fiftyone_eval.extras(ev.metrics))
     result["seconds"] = round(time.monotonic() - t0, 1)
     atomic.write_json(evaluate_marker(out), result)
     return result
@@ -67,16 +69,10 @@ def connect(options: EvaluateConfig) -> str:
                                                         options.database_dir, cache_gb))
 
 
-def mistakenness_by_roi(table) -> Dict[int, float]:
-    if "mistakenness" not in table:
-        return {}
-    known = table[table["mistakenness"].notna()]
-    return dict(zip(known["annotation_id"].tolist(), known["mistakenness"].astype(float).tolist()))
-
-
-def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options: EvaluateConfig,
-                  mistakenness: Optional[Dict[int, float]] = None,
+def load_fiftyone(dataset, values, labelled: bool, inputs: EvaluateSplit, options: EvaluateConfig,
                   embeddings: Optional[Path] = None, more: Optional[fiftyone_eval.Extras] = None) -> Dict[str, object]:
+    """Ingest the split's missing images, write the predictions (`values`: fiftyone_io.RoiValues), store the
+    evaluation and the review views (labelled splits) and the embeddings map."""
     from fathompipe.evaluation import fiftyone_io
     where = connect(options)
     name, field, split = options.dataset, options.field, inputs.split
@@ -84,13 +80,13 @@ def load_fiftyone(dataset, preds, labelled: bool, inputs: EvaluateSplit, options
     try:
         t0 = time.monotonic()
         ds = fiftyone_io.ingest(name, dataset, inputs.images_dir or "", split, inputs.naming)
-        imported = fiftyone_io.import_predictions(ds, split, dataset, preds, field, labelled)
+        imported = fiftyone_io.import_predictions(ds, split, values, field, labelled)
         info: Dict[str, object] = {**fiftyone_io.summary(ds, field, split), "split": split, "field": field,
                                    "imported": imported.written, "unmatched": imported.unmatched,
                                    "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
-            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, mistakenness, more=more))
+            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, values, more=more))
         if embeddings is not None:
             info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
                                                   fiftyone_review.brain_key(eval_key)))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import fcntl
 import json
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fathompipe import atomic
@@ -183,3 +185,138 @@ SCHEMA = pa.schema([("annotation_id", pa.int64()), ("image_id", pa.int64()), ("s
                     ("concept_name", pa.string()), ("confidence", pa.float32()),
                     ("top5_names", pa.list_(pa.string())), ("top5_scores", pa.list_(pa.float32())),
                     ("logits", pa.list_(pa.float32())), ("label", pa.string()), ("note", pa.string())])
+
+
+# --- reading: what the evaluate stage keeps per ROI -------------------------------------------------------------
+
+NOT_IN_FILE = "no prediction in the predictions file"
+
+
+@dataclass
+class Predictions:
+    """A split's predictions as compact columns, row i for annotation_id[i] (ascending): about 40 bytes a ROI (80 MB at
+    2M ROIs), the names shared, never one object per ROI. The logits (79 floats a ROI) stay in the parquet, read in
+    chunks by `logit_chunks`. From the infer stage's OUT.parquet (any version), or a competition CSV (names only)."""
+
+    path: Path
+    annotation_id: np.ndarray  # int64, ascending
+    concept_name: np.ndarray  # object: the predicted name (shared str objects)
+    confidence: np.ndarray  # float32; NaN where the file has none (a CSV)
+    top5: Optional[np.ndarray]  # (N, 5) int16 into `vocabulary`; None without top-5
+    top5_scores: Optional[np.ndarray]  # (N, 5) float32
+    vocabulary: List[str]
+    skipped: Dict[int, str]  # ROIs the infer stage skipped: annotation id -> why (OUT.skipped.csv)
+    file_row: np.ndarray  # the row in the file of each row here (the file may not be sorted)
+    n_logits: int  # logits per ROI in the file (0: none)
+
+    def __len__(self) -> int:
+        return len(self.annotation_id)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """The row of each annotation id; -1 where there is no prediction for it."""
+        ids = np.asarray(ids, np.int64)
+        if not len(self):
+            return np.full(len(ids), -1, np.int64)
+        at = np.searchsorted(self.annotation_id, ids).clip(0, len(self) - 1)
+        return np.where(self.annotation_id[at] == ids, at, -1)
+
+    def logit_chunks(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """(rows here, logits (k, n_logits) float32) for every prediction, CHUNK at a time, in the file's order."""
+        if not self.n_logits:
+            raise ValueError(f"{self.path}: has no logits")
+        here = np.empty(len(self), np.int64)
+        here[self.file_row] = np.arange(len(self))
+        at = 0
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK, columns=["logits"]):
+            column, k = batch.column(0), batch.num_rows
+            if column.null_count or (pc.list_value_length(column).to_numpy() != self.n_logits).any():
+                raise ValueError(f"{self.path}: rows {at}..{at + k - 1} do not all have {self.n_logits} logits")
+            values = column.flatten().to_numpy().astype(np.float32, copy=False)
+            yield here[at:at + k], values.reshape(k, self.n_logits)
+            at += k
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """The predictions in `path` (OUT.parquet or a competition CSV), validated: one row per annotation id; the ROIs
+    the infer stage skipped from the OUT.skipped.csv beside it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"predictions {path} do not exist (run the infer stage first)")
+    if path.suffix == ".parquet":
+        file = pq.ParquetFile(path)
+        columns = set(file.schema_arrow.names)
+        if not {"annotation_id", "concept_name"} <= columns:
+            raise ValueError(f"{path}: expected columns annotation_id and concept_name, got {sorted(columns)}")
+        wanted = [c for c in ("annotation_id", "concept_name", "confidence", "top5_names", "top5_scores")
+                  if c in columns]
+        codes: Dict[str, int] = {}  # name -> code, for the names and the top-5 names alike
+        parts: Dict[str, list] = {c: [] for c in wanted}
+        for batch in file.iter_batches(batch_size=CHUNK, columns=wanted):
+            k = batch.num_rows
+            parts["annotation_id"].append(batch["annotation_id"].to_numpy())
+            parts["concept_name"].append(_codes(batch["concept_name"], codes))
+            if "confidence" in parts:
+                parts["confidence"].append(batch["confidence"].to_numpy(zero_copy_only=False).astype(np.float32))
+            if "top5_names" in parts and "top5_scores" in parts and k:
+                parts["top5_names"].append(_codes(batch["top5_names"].flatten(), codes).reshape(k, -1))
+                parts["top5_scores"].append(batch["top5_scores"].flatten().to_numpy().astype(np.float32)
+                                            .reshape(k, -1))
+        vocabulary = sorted(codes, key=codes.get)
+        ids = _join(parts["annotation_id"], np.int64)
+        names = np.asarray(vocabulary + [None], dtype=object)[_join(parts["concept_name"], np.int16)]
+        confidence = _join(parts["confidence"], np.float32) if "confidence" in parts else \
+            np.full(len(ids), np.nan, np.float32)
+        top5 = scores = None
+        if parts.get("top5_names") and parts.get("top5_scores"):
+            top5, scores = np.concatenate(parts["top5_names"]), np.concatenate(parts["top5_scores"])
+        n_logits = _logits_width(file) if "logits" in columns else 0
+    else:
+        import pandas as pd
+        frame = pd.read_csv(path, dtype={"annotation_id": "int64", "concept_name": "category"}, keep_default_na=False)
+        if list(frame.columns[:2]) != ["annotation_id", "concept_name"]:
+            raise ValueError(f"{path}: expected columns annotation_id,concept_name, got {list(frame.columns)}")
+        ids = frame["annotation_id"].to_numpy()
+        categories = np.asarray(frame["concept_name"].cat.categories.astype(str).tolist() + [None], dtype=object)
+        names = categories[frame["concept_name"].cat.codes.to_numpy()]
+        confidence = np.full(len(ids), np.nan, np.float32)
+        top5 = scores = None
+        vocabulary, n_logits = [], 0
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    duplicated = np.flatnonzero(np.diff(ids) == 0)
+    if len(duplicated):
+        raise ValueError(f"{path}: annotation_id {int(ids[duplicated[0]])} appears more than once")
+    return Predictions(path, ids, names[order], confidence[order], None if top5 is None else top5[order],
+                       None if scores is None else scores[order], vocabulary,
+                       read_skipped(OutputFiles(path.with_suffix(".csv")).skipped), order, n_logits)
+
+
+def read_skipped(path: Path) -> Dict[int, str]:
+    """annotation_id -> reason from an OUT.skipped.csv; empty when there is none."""
+    if not path.exists():
+        return {}
+    import pandas as pd
+    table = pd.read_csv(path, dtype={"annotation_id": "int64", "reason": "string"}, keep_default_na=False)
+    if list(table.columns) != ["annotation_id", "image_id", "reason"]:
+        raise ValueError(f"{path}: expected columns annotation_id,image_id,reason, got {list(table.columns)}")
+    return dict(zip(table["annotation_id"].tolist(), table["reason"].tolist()))
+
+
+def _codes(column: pa.Array, codes: Dict[str, int]) -> np.ndarray:
+    """Each string's code in `codes` (new strings added), -1 for a null: int16, one small integer a value."""
+    encoded = column.dictionary_encode()
+    local = np.asarray([codes.setdefault(name, len(codes)) for name in encoded.dictionary.to_pylist()] + [-1],
+                       np.int16)
+    return local[encoded.indices.fill_null(len(local) - 1).to_numpy()]
+
+
+def _join(parts: list, dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+
+
+def _logits_width(file: pq.ParquetFile) -> int:
+    """The number of logits a row has (the first row's; `logit_chunks` checks every row against it)."""
+    for batch in file.iter_batches(batch_size=1, columns=["logits"]):
+        column = batch.column(0)
+        return 0 if column.null_count else int(pc.list_value_length(column).to_numpy()[0])
+    return 0

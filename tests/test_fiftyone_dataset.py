@@ -14,7 +14,7 @@ from fathompipe.annotations import load_coco
 from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run, run_job
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
-from fathompipe.evaluation.scoring import load_predictions
+from fathompipe.predictions import read_predictions
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, train_like_subset
 
 TEST_JSON = DATA / "dataset_test.json"
@@ -63,10 +63,15 @@ def without_timestamps(docs: Dict[object, dict]) -> Dict[object, dict]:
     return {k: {f: v for f, v in d.items() if f != "last_modified_at"} for k, d in docs.items()}
 
 
+def predicted_names(path: Path) -> Dict[int, str]:
+    p = read_predictions(path)
+    return dict(zip(p.annotation_id.tolist(), p.concept_name.tolist()))
+
+
 def check_predictions_sit_on_their_annotations(ds, split: str, coco_json: Path, predictions: Path) -> int:
     coco = load_coco(coco_json)
     image_of = {a.id: a.image_id for a in coco.iter_annotations()}
-    expected = load_predictions(predictions)["concept_name"].to_dict()
+    expected = predicted_names(predictions)
     n = 0
     for sample in ds.match_tags([split, "val"] if split == "train" else split).select_fields(
             ["split", "image_id", "ground_truth", "model_predictions"]):
@@ -94,7 +99,7 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
     first = run(EvaluateSplit(str(inputs["train"]), str(inputs["train_a"]), str(tmp_path / "r1"), "train", "/unused"),
                 target)["fiftyone"]
     ds.reload()
-    n_train = len(load_predictions(inputs["train_a"]))
+    n_train = len(read_predictions(inputs["train_a"]))
     assert first["imported"] == n_train and first["unmatched"] == 0 and first["samples"] == N_TRAIN_IMAGES
     assert check_predictions_sit_on_their_annotations(ds, "train", inputs["train"], inputs["train_a"]) == n_train
     assert raw_docs(ds, "test") == test_before
@@ -151,14 +156,14 @@ def test_train_then_test_then_train_keeps_splits_apart_and_review_work(fiftyone_
     marks = {k: v for k, v in ds.count_values("model_predictions.detections.model_eval").items() if k}
     assert marks == marks_before and marks["tp"] > 0  # their marks stay on the predictions
     # the stage's evaluation follows the new predictions, not the first ones
-    b = load_predictions(inputs["train_b"])["concept_name"]
+    b = predicted_names(inputs["train_b"])
     coco = load_coco(inputs["train"])
     truth = {a.id: coco.categories[a.category_id] for a in coco.iter_annotations()}
-    wrong_b = sum(b[aid] != truth[aid] for aid in b.index)
+    wrong_b = sum(name != truth[aid] for aid, name in b.items())
     assert ds.count_values("model_predictions.detections.eval_model_train").get("fp", 0) == wrong_b
     assert len(ds.load_saved_view("eval_model_train-disagreements")) == wrong_b
     results = ds.load_evaluation_results("eval_model_train")
-    assert sorted(results.ypred) == sorted(b.tolist())
+    assert sorted(results.ypred) == sorted(b.values())
     assert isinstance(fo.load_dataset(ds.name), fo.Dataset)
 
 
@@ -216,14 +221,16 @@ def test_label_error_message(fiftyone_db, inputs, tmp_path, capsys):
                                      f"(image {sample.image_id}) has the ground-truth label 'unknown'")
 
 
-def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs):
+def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs, monkeypatch):
     """The raw bulk write is allowed only because this holds on the installed open-source FiftyOne."""
     from fiftyone import ViewField as F
 
     from fathompipe.evaluation import fiftyone_io
 
+    monkeypatch.setattr(fiftyone_io, "BATCH", 7)  # many batches: the batch edges must not show
     coco = load_coco(inputs["train"])
-    a_preds, b_preds = load_predictions(inputs["train_a"]), load_predictions(inputs["train_b"])
+    a_preds = fiftyone_io.RoiValues.of(coco, read_predictions(inputs["train_a"]))
+    b_preds = fiftyone_io.RoiValues.of(coco, read_predictions(inputs["train_b"]))
     raw = ingest_like_researchers("paths-raw", {"train": inputs["train"], "test": inputs["test"]})
     public = raw.clone("paths-public")
 
@@ -239,8 +246,8 @@ def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs):
             out[k] = d
         return out
 
-    assert fiftyone_io.import_predictions(raw, "train", coco, a_preds, "model_predictions", True, raw=True).raw
-    assert not fiftyone_io.import_predictions(public, "train", coco, a_preds, "model_predictions", True,
+    assert fiftyone_io.import_predictions(raw, "train", a_preds, "model_predictions", True, raw=True).raw
+    assert not fiftyone_io.import_predictions(public, "train", a_preds, "model_predictions", True,
                                               raw=False).raw
     a, b = strip(raw_docs(raw, "train"), True), strip(raw_docs(public, "train"), True)
     assert a == b, first_diff(a, b)
@@ -256,8 +263,8 @@ def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs):
         s.model_predictions.detections[0]["note"] = "looks like a crab"
         s.save()
     before = raw_docs(raw, "train")
-    fiftyone_io.import_predictions(raw, "train", coco, b_preds, "model_predictions", True, raw=True)
-    fiftyone_io.import_predictions(public, "train", coco, b_preds, "model_predictions", True, raw=False)
+    fiftyone_io.import_predictions(raw, "train", b_preds, "model_predictions", True, raw=True)
+    fiftyone_io.import_predictions(public, "train", b_preds, "model_predictions", True, raw=False)
     after_raw, after_public = raw_docs(raw, "train"), raw_docs(public, "train")
     a, b = strip(after_raw, False), strip(after_public, False)
     assert a == b, first_diff(a, b)

@@ -17,9 +17,10 @@ from fathompipe.annotations import load_coco
 from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run
 from fathompipe.evaluation import fiftyone_io
-from fathompipe.evaluation.scoring import load_predictions, score
+from fathompipe.evaluation.scoring import score
 from fathompipe.jobs import EvaluateSplit
 from fathompipe.layout import OutputFiles
+from fathompipe.predictions import read_predictions
 from researchers_dataset import ingest_like_researchers, model_like_predictions, retag_val, train_like_subset
 
 TEST_JSON = DATA / "dataset_test.json"
@@ -93,16 +94,25 @@ def test_evaluation_equals_evaluate_detections_and_sklearn(fiftyone_db, inputs, 
     assert "ref" in ds.list_evaluations()  # theirs kept
 
 
-def test_raw_and_public_evaluation_writes_are_identical(fiftyone_db, inputs, tmp_path):
+def test_raw_and_public_evaluation_writes_are_identical(fiftyone_db, inputs, tmp_path, monkeypatch):
+    """Both write paths, in many small batches, store the same fields; the stored results (built from columns, not
+    from one tuple per ROI) are what FiftyOne itself rebuilds from the database."""
     from fiftyone import ViewField as F
 
+    monkeypatch.setattr(fiftyone_io, "BATCH", 7)
     raw = ingest_like_researchers("review-raw", {"train": inputs["train"]})
     stage(inputs, tmp_path / "r", raw.name)
     raw.reload()
     public = raw.clone("review-public")
-    fiftyone_io.evaluate_in_app(public, "model_predictions", "train", "eval_model_train",
-                                raw_mistakenness(raw), raw=False)
+    coco, preds = load_coco(inputs["train"]), read_predictions(inputs["predictions"])
+    values = fiftyone_io.RoiValues.of(coco, preds, score(coco, preds).table)
+    fiftyone_io.evaluate_in_app(public, "model_predictions", "train", "eval_model_train", values, raw=False)
     public.reload()
+    built = public.load_evaluation_results("eval_model_train")  # the object the stage made (cached)
+    rebuilt = public.load_evaluation_results("eval_model_train", cache=False)  # FiftyOne's own, from the database
+    for name in ("ytrue", "ypred", "confs", "ious", "ytrue_ids", "ypred_ids", "classes"):
+        assert np.asarray(getattr(built, name)).tolist() == np.asarray(getattr(rebuilt, name)).tolist(), name
+    assert built.report() == rebuilt.report() and built.missing == rebuilt.missing
     for path in ("ground_truth.detections", "model_predictions.detections", "eval_model_train_tp",
                  "eval_model_train_fn"):
         a, b = raw.match(F("split") == "train").values(path), public.match(F("split") == "train").values(path)
@@ -110,11 +120,6 @@ def test_raw_and_public_evaluation_writes_are_identical(fiftyone_db, inputs, tmp
             a = [[{k: v for k, v in d.to_dict().items()} for d in s] for s in a]
             b = [[{k: v for k, v in d.to_dict().items()} for d in s] for s in b]
         assert a == b, path
-
-
-def raw_mistakenness(ds) -> Dict[int, float]:
-    return {d.annotation_id: d.mistakenness for d in ds.values("ground_truth.detections", unwind=True)
-            if d.mistakenness is not None}
 
 
 def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, inputs, tmp_path):
@@ -127,7 +132,7 @@ def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, in
     rois = pd.read_csv(tmp_path / "r1" / "rois.csv").set_index("annotation_id")
     # mistakenness in the App equals the report's (scoring.py), on the ground truth and on the prediction
     gts = ds.match(F("split") == "train").values("ground_truth.detections", unwind=True)
-    exact = score(load_coco(inputs["train"]), load_predictions(inputs["predictions"])).table
+    exact = score(load_coco(inputs["train"]), read_predictions(inputs["predictions"])).table
     exact = dict(zip(exact["annotation_id"], exact["mistakenness"]))
     assert {d.annotation_id: d.mistakenness for d in gts} == exact
     assert all(m == pytest.approx(exact[a], rel=1e-5) for a, m in rois["mistakenness"].items())  # the report's
@@ -220,7 +225,8 @@ def test_embeddings_map_leaves_out_rois_without_an_embedding(fiftyone_db, inputs
     aid_of = {d.id: getattr(d, "annotation_id", None) for dets in view.values("ground_truth.detections") for d in dets}
     assert info["embedded_rois"] == keep.sum() == len(results.points) == len(results.label_ids)
     assert sorted(aid_of[i] for i in results.label_ids) == sorted(ids[keep].tolist())
-    predicted = load_predictions(inputs["predictions"])["concept_name"].to_dict()
+    preds = read_predictions(inputs["predictions"])
+    predicted = dict(zip(preds.annotation_id.tolist(), preds.concept_name.tolist()))
     labels = np.array([predicted[aid_of[i]] for i in results.label_ids])
     spread = np.mean([results.points[labels == c].std(axis=0).mean() for c in set(labels) if (labels == c).sum() > 5])
     assert spread < results.points.std(axis=0).mean() / 2

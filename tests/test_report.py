@@ -21,7 +21,8 @@ from fathompipe.config import InferConfig, SplitSource
 from fathompipe.jobs import InferJob
 from fathompipe.infer import run as infer
 from fathompipe.layout import OutputFiles
-from fathompipe.evaluation.scoring import (confusion_matrix, headline, load_predictions, mistakenness,
+from fathompipe.predictions import read_predictions
+from fathompipe.evaluation.scoring import (headline, mistakenness,
                                            mistakenness_from_confidence, per_class, score)
 from fathompipe.evaluation.report import write_report
 from support.synthetic import model_like_logits, train_like_coco
@@ -66,10 +67,10 @@ def test_per_class_equals_sklearn():
     truth = [names[i] for i in rng.integers(0, 40, 3000)]  # classes 40..78 never occur: zero support
     pred = [t if rng.random() < 0.6 else (None if rng.random() < 0.05 else names[rng.integers(0, 79)])
             for t in truth]
+    index = {n: i for i, n in enumerate(names)}
+    ours = per_class(names, np.asarray([index[t] for t in truth]), np.asarray([index.get(p, -1) for p in pred]),
+                     np.zeros(len(truth)))
     table = pd.DataFrame({"truth": truth, "prediction": pred})
-    table["correct"] = table.truth == table.prediction
-    table["distance"] = 0
-    ours = per_class(table)
     p, r, f, s = precision_recall_fscore_support(truth, table.prediction.fillna("(none)"), labels=names,
                                                  zero_division=0)
     assert np.allclose(ours.precision, p) and np.allclose(ours.recall, r) and np.allclose(ours.f1, f)
@@ -128,15 +129,15 @@ def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_r
 
 def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):
     labelled, out, _, _ = parity_run
-    preds = load_predictions(out.with_suffix(".parquet"))
+    preds = read_predictions(out.with_suffix(".parquet"))
     ev = score(load_coco(labelled), preds)
     assert ev.metrics["mistakenness_from"] == "logits"
     t = ev.table.dropna(subset=["prediction"]).set_index("annotation_id")
-    logits = np.stack(preds.loc[t.index, "logits"].to_numpy())
+    logits = np.stack(pd.read_parquet(out.with_suffix(".parquet")).set_index("annotation_id").loc[t.index, "logits"])
     assert np.allclose(t.mistakenness, mistakenness(logits, t.correct.to_numpy()))
     assert (t.mistakenness[~t.correct] > 0.5).all() and (t.mistakenness[t.correct] < 0.5).all()
     assert ev.table.mistakenness[ev.table.prediction.isna()].isna().all()  # no prediction, no score
-    csv_only = load_predictions(out)  # the competition CSV has neither logits nor confidences
+    csv_only = read_predictions(out)  # the competition CSV has neither logits nor confidences
     assert score(load_coco(labelled), csv_only).metrics["mistakenness_from"] is None
 
 
@@ -170,7 +171,7 @@ def train_sized(tmp_path_factory):
 
 def test_report_page_at_train_size(train_sized, tmp_path):
     ds, pred_path, images, n_skipped = train_sized
-    ev = score(ds, load_predictions(pred_path))
+    ev = score(ds, read_predictions(pred_path))
     out = tmp_path / "r"
     write_report(ev, ds, out, "train", images, "file_name", {"split": "train"})
     page = (out / "report.html").read_text()
@@ -182,7 +183,7 @@ def test_report_page_at_train_size(train_sized, tmp_path):
         target = Path(link.removeprefix("file://")) if link.startswith("file://") else out / link
         assert target.exists(), link
     # the matrix: every class named on both axes, one cell per non-zero pair, its data equal to the CSV
-    names, cm = confusion_matrix(ev.table)
+    names, cm = ev.matrix
     svg = page[page.index("<svg id=cm"):page.index("</svg>")]
     assert svg.count("<text class=rl") == svg.count("<text class=cl") == 79
     assert svg.count("<title>") == int((cm > 0).sum()) and cm.trace() > 0
@@ -233,11 +234,11 @@ def test_skipped_file_is_read_beside_the_predictions(tmp_path):
     files = OutputFiles(tmp_path / "predictions.csv")
     files.csv.write_text("annotation_id,concept_name\n1,Farrea\n")
     files.skipped.write_text('annotation_id,image_id,reason\n2,7,"image unreadable: OSError: truncated, sorry"\n')
-    preds = load_predictions(files.csv)
-    assert preds.attrs["skipped"] == {2: "image unreadable: OSError: truncated, sorry"}
+    preds = read_predictions(files.csv)
+    assert preds.skipped == {2: "image unreadable: OSError: truncated, sorry"}
     files.skipped.write_text("id,reason\n2,x\n")
     with pytest.raises(ValueError, match=r"predictions\.skipped\.csv: expected columns annotation_id,image_id,reason"):
-        load_predictions(files.csv)
+        read_predictions(files.csv)
 
 
 @pytest.fixture(scope="module")
@@ -381,4 +382,4 @@ def test_logits_in_another_column_order_are_refused(parity_run, tmp_path):
     preds["logits"] = [np.asarray(v)[::-1].copy() for v in preds["logits"]]  # columns reversed: argmax moves
     preds.to_parquet(tmp_path / "shuffled.parquet")
     with pytest.raises(ValueError, match="the logits' columns are not this file's categories in id order"):
-        score(load_coco(labelled), load_predictions(tmp_path / "shuffled.parquet"))
+        score(load_coco(labelled), read_predictions(tmp_path / "shuffled.parquet"))

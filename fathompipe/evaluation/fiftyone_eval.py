@@ -22,9 +22,11 @@ FP on the prediction and an FN on the truth in the per-label fields) and the ROI
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any, Dict, List, Optional, Tuple
 
+from fathompipe.evaluation.fiftyone_io import RoiValues, batches
 from fathompipe.evaluation.taxonomy import taxonomic_order
 
 # on ground truth, for review
@@ -34,19 +36,15 @@ CUSTOM_METRIC = "@fathompipe/evaluate/"  # the prefix of the custom metrics' key
 
 @dataclass
 class Extras:
-    """What the scoring adds to the stored evaluation: per annotation id the expected-distance rule's label, and
-    the Summary rows (custom metrics): key -> (label in the panel, value, lower is better)."""
+    """The Summary rows the stage adds to the stored evaluation (custom metrics): key -> (label in the panel,
+    value, lower is better)."""
 
-    rule: Dict[int, str] = dataclass_field(default_factory=dict)
     summary: Dict[str, Tuple[str, float, bool]] = dataclass_field(default_factory=dict)
 
 
-def extras(table, metrics: Dict[str, Any]) -> Extras:
-    """From scoring.score's table and metrics (a labelled split)."""
+def extras(metrics: Dict[str, Any]) -> Extras:
+    """From scoring.score's metrics (a labelled split)."""
     out = Extras()
-    if "rule_prediction" in table:
-        known = table[table["rule_prediction"].notna()]
-        out.rule = dict(zip(known["annotation_id"].tolist(), known["rule_prediction"].tolist()))
     own = metrics.get("predicted_only") or {}
     if own.get("mean_hierarchical_distance") is not None:
         out.summary["mean_hierarchical_distance"] = (
@@ -66,7 +64,7 @@ def extras(table, metrics: Dict[str, Any]) -> Extras:
 
 @dataclass
 class SplitLabels:
-    """Per sample of the split view, the ground-truth and prediction detections as plain values."""
+    """Per sample of a batch, the ground-truth and prediction detections as plain values."""
 
     gt_ids: List[List[str]]
     gt_labels: List[List[Optional[str]]]
@@ -84,24 +82,57 @@ def read_labels(view, field: str) -> SplitLabels:
                        *[per_sample(f"{field}.detections.{a}") for a in ("id", "label", "confidence", "annotation_id")])
 
 
+class Matches:
+    """FiftyOne's matches (gt_label, pred_label, iou, confidence, gt_id, pred_id), kept as one column each across
+    batches: names shared between rows, never one tuple per ROI (2M tuples alone would take 1 GB)."""
+
+    def __init__(self) -> None:
+        self.columns: List[List[Any]] = [[] for _ in range(6)]
+        self.names: Dict[Optional[str], Optional[str]] = {}
+
+    def add(self, gt_label: Optional[str], pred_label: Optional[str], iou: Optional[float],
+            confidence: Optional[float], gt_id: Optional[str], pred_id: Optional[str]) -> None:
+        gt_label, pred_label = (self.names.setdefault(n, n) for n in (gt_label, pred_label))
+        for column, value in zip(self.columns, (gt_label, pred_label, iou, confidence, gt_id, pred_id)):
+            column.append(value)
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def classes(self) -> List[str]:
+        """The names that occur, in taxonomic order (names outside the 79 after them): the panel's matrix order."""
+        seen = {n for n in self.names if n is not None}
+        order = [n for n in taxonomic_order() if n in seen]
+        return order + sorted(seen - set(order))
+
+
 @dataclass
 class Attributes:
-    """What is written: per sample, per detection (in stored order) the attribute values."""
+    """What is written for a batch: per sample, per detection (in stored order) the attribute values."""
 
     gt: List[List[Dict[str, Any]]]
     pred: List[List[Dict[str, Any]]]
     counts: Dict[str, List[int]]  # <eval_key>_tp/_fp/_fn per sample
-    matches: List[Tuple]  # FiftyOne's (gt_label, pred_label, iou, confidence, gt_id, pred_id)
 
 
-def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float],
-               rule: Optional[Dict[int, str]] = None) -> Attributes:
+def attributes(labels: SplitLabels, eval_key: str, values: RoiValues, matches: Matches) -> Attributes:
     """The fields `evaluate_detections(classwise=False)` writes when each prediction lies on its own box, and the
-    review attributes (`rule`: annotation id -> the expected-distance rule's label)."""
-    rule = rule or {}
+    review attributes (scoring's mistakenness and the expected-distance rule's label, from `values`); the batch's
+    matches are added to `matches`."""
     id_key, iou_key = f"{eval_key}_id", f"{eval_key}_iou"
-    gt_out, pred_out, matches = [], [], []
+    gt_out, pred_out = [], []
     counts: Dict[str, List[int]] = {f"{eval_key}_{k}": [] for k in ("tp", "fp", "fn")}
+
+    aids = [aid for sample in labels.gt_annotations + labels.pred_annotations for aid in sample]
+    row_of = dict(zip(aids, values.rows_of(aids).tolist()))  # one search for the batch
+
+    def review(aid: Optional[int]) -> Tuple[Optional[float], Optional[str]]:
+        row = row_of.get(aid, -1)
+        if row < 0:
+            return None, None
+        m = float(values.mistakenness[row])
+        return (None if math.isnan(m) else m), (None if values.rule_label is None else values.rule_label[row])
+
     for g_ids, g_labels, g_aids, p_ids, p_labels, p_confs, p_aids in zip(
             labels.gt_ids, labels.gt_labels, labels.gt_annotations, labels.pred_ids, labels.pred_labels,
             labels.pred_confidences, labels.pred_annotations):
@@ -114,35 +145,36 @@ def attributes(labels: SplitLabels, eval_key: str, mistakenness: Dict[int, float
             if j is None:
                 gts.append({eval_key: "fn", id_key: "", iou_key: None, "predicted_label": None,
                             "predicted_confidence": None, "mistakenness": None, "rule_label": None})
-                matches.append((glabel, None, None, None, gid, None))
+                matches.add(glabel, None, None, None, gid, None)
                 fn += 1
                 continue
             right = glabel == p_labels[j]
+            mistaken, rule = review(aid)
             gts.append({eval_key: "tp" if right else "fn", id_key: p_ids[j], iou_key: 1.0,
                         "predicted_label": p_labels[j], "predicted_confidence": p_confs[j],
-                        "mistakenness": mistakenness.get(aid), "rule_label": rule.get(aid)})
-            matches.append((glabel, p_labels[j], 1.0, p_confs[j], gid, p_ids[j]))
+                        "mistakenness": mistaken, "rule_label": rule})
+            matches.add(glabel, p_labels[j], 1.0, p_confs[j], gid, p_ids[j])
             tp, fp, fn = (tp + 1, fp, fn) if right else (tp, fp + 1, fn + 1)
         preds = []
         for pid, plabel, conf, aid in zip(p_ids, p_labels, p_confs, p_aids):
             i = gt_of.get(aid) if aid is not None else None
             if i is None:  # added by hand, on no annotation: unmatched, as FiftyOne counts a box without truth
                 preds.append({eval_key: "fp", id_key: "", iou_key: None})
-                matches.append((None, plabel, None, conf, None, pid))
+                matches.add(None, plabel, None, conf, None, pid)
                 fp += 1
             else:
                 preds.append({eval_key: "tp" if g_labels[i] == plabel else "fp", id_key: g_ids[i], iou_key: 1.0,
-                              "mistakenness": mistakenness.get(aid)})
+                              "mistakenness": review(aid)[0]})
         gt_out.append(gts)
         pred_out.append(preds)
         for key, n in zip(counts, (tp, fp, fn)):
             counts[key].append(n)
-    return Attributes(gt_out, pred_out, counts, matches)
+    return Attributes(gt_out, pred_out, counts)
 
 
-def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float], raw: bool,
-             more: Optional[Extras] = None):
-    """Register `eval_key` on `view` (replacing a previous run) and write its fields; returns the results."""
+def evaluate(ds, view, field: str, eval_key: str, values: RoiValues, raw: bool, more: Optional[Extras] = None):
+    """Register `eval_key` on `view` (replacing a previous run) and write its fields, BATCH samples at a time;
+    returns the results."""
     more = more or Extras()
     import fiftyone as fo
     from fiftyone.utils.eval.coco import COCOEvaluationConfig
@@ -159,13 +191,16 @@ def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float]
             ds.add_sample_field(f"ground_truth.detections.{attr}", ftype)
     if not ds.has_sample_field(f"{field}.detections.mistakenness"):
         ds.add_sample_field(f"{field}.detections.mistakenness", fo.FloatField)
-    attrs = attributes(read_labels(view, field), eval_key, mistakenness, more.rule)
-    if raw:
-        _write_raw(ds, view, field, attrs)
-    else:
-        _write_public(view, field, attrs)
+    matches = Matches()
+    for batch in batches(view.values("id")):
+        batch_view = ds.select(batch, ordered=True)
+        attrs = attributes(read_labels(batch_view, field), eval_key, values, matches)
+        if raw:
+            _write_raw(ds, batch, field, attrs)
+        else:
+            _write_public(batch_view, field, attrs)
     ds.reload()
-    results = method.generate_results(view, attrs.matches, eval_key=eval_key, classes=panel_classes(attrs.matches))
+    results = results_of(method, view, eval_key, matches)
     results.custom_metrics = {CUSTOM_METRIC + key: {"key": key, "value": value, "label": label,
                                                     "lower_is_better": lower}
                               for key, (label, value, lower) in more.summary.items()}
@@ -174,11 +209,24 @@ def evaluate(ds, view, field: str, eval_key: str, mistakenness: Dict[int, float]
     return results
 
 
-def panel_classes(matches: List[Tuple]) -> List[str]:
-    """The names that occur, in taxonomic order (names outside the 79 after them): the panel's matrix order."""
-    seen = {name for m in matches for name in m[:2] if name is not None}
-    order = [n for n in taxonomic_order() if n in seen]
-    return order + sorted(seen - set(order))
+def results_of(method, view, eval_key: str, matches: Matches):
+    """What `method.generate_results(view, matches, eval_key, classes)` returns, built from the columns: the results
+    are made without matches, then given their arrays (fiftyone 1.22.1's DetectionResults attributes, which
+    `_parse_labels` would fill: a missing label becomes `missing`), so 2M matches never become 2M tuples.
+    tests/test_fiftyone_review.py compares the two."""
+    import numpy as np
+
+    classes = matches.classes()
+    results = method.generate_results(view, [], eval_key=eval_key, classes=classes)
+    gt, pred, ious, confs, gt_ids, pred_ids = matches.columns
+    missing = results.missing
+    results.ytrue = np.asarray([missing if n is None else n for n in gt], dtype=object)
+    results.ypred = np.asarray([missing if n is None else n for n in pred], dtype=object)
+    results.ious = np.asarray(ious, dtype=object if any(v is None for v in ious) else float)
+    results.confs = np.asarray(confs, dtype=object if any(v is None for v in confs) else float)
+    results.ytrue_ids = np.asarray(gt_ids, dtype=object)
+    results.ypred_ids = np.asarray(pred_ids, dtype=object)
+    return results
 
 
 def _write_public(view, field: str, attrs: Attributes) -> None:
@@ -191,14 +239,14 @@ def _write_public(view, field: str, attrs: Attributes) -> None:
         view.set_values(name, values)
 
 
-def _write_raw(ds, view, field: str, attrs: Attributes) -> None:
-    """The same values in one unordered pymongo bulk write (open-source FiftyOne, direct MongoDB)."""
+def _write_raw(ds, sample_ids: List[str], field: str, attrs: Attributes) -> None:
+    """The same values in one unordered pymongo bulk write a batch (open-source FiftyOne, direct MongoDB)."""
     from datetime import datetime, timezone
 
     from bson import ObjectId
     from pymongo import UpdateOne
 
-    ids = [ObjectId(s) for s in view.values("id")]
+    ids = [ObjectId(s) for s in sample_ids]
     # private API (fiftyone 1.22.1): the dataset's sample collection, as fiftyone_io._write_raw uses it;
     # tests compare this path's documents with the public one's
     collection = ds._sample_collection

@@ -21,7 +21,7 @@ import pandas as pd
 from fathompipe import atomic
 from fathompipe.annotations import Coco
 from fathompipe.evaluation.metric import distance
-from fathompipe.evaluation.scoring import Evaluation, confusion_matrix, confusions, per_class
+from fathompipe.evaluation.scoring import Evaluation
 from fathompipe.evaluation.taxonomy import RANKS, load_taxonomy, taxonomic_order
 
 
@@ -43,17 +43,18 @@ def write_report(ev: Evaluation, dataset: Coco, out: Path, title: str, images_di
     out.mkdir(parents=True, exist_ok=True)
     m = ev.metrics
     table = ev.table
-    files = dict(zip(dataset.images.id.tolist(), dataset.images.local_names(naming)))
-    rois = table.drop(columns=["bbox"]).assign(file_name=table["image_id"].map(files))
-    atomic.write_text(out / "rois.csv", rois.to_csv(index=False, float_format="%.6g"))
+    image_rows = dataset.images.rows_of(table["image_id"].to_numpy())
+    files = np.asarray(dataset.images.local_names(naming) + [""], dtype=object)
+    with atomic.atomic_path(out / "rois.csv") as tmp:  # 2M ROIs: written in chunks, never one string
+        table.assign(file_name=files[image_rows]).to_csv(tmp, index=False, float_format="%.6g", chunksize=100_000)
     sections: List[str] = [_headline_html(m)]
     not_predicted = table[table["prediction"].isna()]
     if m["labelled"]:
-        pc = per_class(table)
+        assert ev.per_class is not None and ev.confusions is not None and ev.matrix is not None
+        pc, conf = ev.per_class, ev.confusions
         atomic.write_text(out / "per_class.csv", pc.to_csv(index=False, float_format="%.4f"))
-        conf = confusions(table)
         atomic.write_text(out / "confusions.csv", conf.to_csv(index=False))
-        names, cm = confusion_matrix(table)
+        names, cm = ev.matrix
         atomic.write_text(out / "confusion_matrix.csv", pd.DataFrame(cm, index=names, columns=names).to_csv())
         sections.append(_matrix_html(names, cm))
         sections.append(_candidates_html(table, dataset, images_dir, naming, out, m.get("mistakenness_from")))
@@ -73,8 +74,9 @@ def write_report(ev: Evaluation, dataset: Coco, out: Path, title: str, images_di
     if "expected_distance_rule" in m:
         sections.append(_rule_html(m))
     if len(not_predicted):
-        rows = "".join(f"<tr><td data-v={r.annotation_id}>{r.annotation_id}</td><td>{_e(files[r.image_id])}</td>"
-                       f"<td>{_e(r.not_predicted)}</td></tr>" for r in not_predicted.head(N_NOT_PREDICTED).itertuples())
+        rows = "".join(f"<tr><td data-v={r.annotation_id}>{r.annotation_id}</td>"
+                       f"<td>{_e(dataset.image(r.image_id).local_name(naming))}</td><td>{_e(r.not_predicted)}</td></tr>"
+                       for r in not_predicted.head(N_NOT_PREDICTED).itertuples())
         sections.append(f"<h2>ROIs without a prediction ({len(not_predicted):,})</h2><p>All of them, with every "
                         f"score: <a href=rois.csv>rois.csv</a> (empty <code>prediction</code>).</p>"
                         f"<table class=sortable><tr><th>annotation</th><th>image file</th><th>why</th></tr>"
@@ -215,7 +217,7 @@ def _crops(dataset: Coco, images_dir: Optional[Path], naming: str, rows: pd.Data
         path = images_dir / dataset.image(row.image_id).local_name(naming)
         if not path.exists():
             continue
-        x, y, w, h = row.bbox
+        x, y, w, h = dataset.annotations.bbox[row.Index]  # the table's rows are the annotation file's
         side = max(2 * max(w, h), CROP_CONTEXT_PX)  # a square: the box with its own size of context around it
         left, top = int(x + w / 2 - side / 2), int(y + h / 2 - side / 2)
         try:
@@ -318,8 +320,9 @@ def write_rule_csv(ev: Evaluation, out: Path) -> Path:
         raise ValueError("evaluate.expected_distance_csv needs the logits: give the infer stage's predictions.parquet")
     rows = ev.table[ev.table["rule_prediction"].notna()].sort_values("annotation_id")
     path = out / RULE_CSV
-    atomic.write_text(path, rows[["annotation_id", "rule_prediction"]].rename(
-        columns={"rule_prediction": "concept_name"}).to_csv(index=False))
+    with atomic.atomic_path(path) as tmp:
+        rows[["annotation_id", "rule_prediction"]].rename(columns={"rule_prediction": "concept_name"}).to_csv(
+            tmp, index=False, chunksize=100_000)
     return path
 
 
