@@ -251,9 +251,10 @@ def slurm_check(work: Path, n: int = 2_000_000, first: int = 4) -> None:
     jobs = [tasks[f"train/{k}"] for k in range(first)]
     try:
         deadline = time.monotonic() + 1800
-        while set(query_states(jobs).values()) - {"COMPLETED", "FAILED", "CANCELLED", "OUT_OF_MEMORY", "TIMEOUT"}:
+        ended = {"COMPLETED", "FAILED", "CANCELLED", "OUT_OF_MEMORY", "TIMEOUT"}
+        while not {query_states(jobs).get(job) for job in jobs} <= ended:
             assert time.monotonic() < deadline, "the first shards did not finish within 30 minutes"
-            time.sleep(5)
+            time.sleep(2)
         states = query_states(jobs)
         time.sleep(5)  # sacct's MaxRSS of a finished step arrives with its accounting record
     finally:
@@ -261,7 +262,7 @@ def slurm_check(work: Path, n: int = 2_000_000, first: int = 4) -> None:
                        capture_output=True)
     print(f"\n## bench/scale.py --slurm-check: {n:,} ROIs, {SHARDS:,} download shards on the real Slurm "
           f"(submit took {submit_s:.1f} s)\n")
-    print("| task | state | images intact | MaxRSS (sacct, every process of the step added up) |")
+    print("| task | state | images intact | MaxRSS (sacct, sampled every second, every process of the step added up) |")
     print("|---|---|---|---|")
     from fathompipe.layout import ShardFiles
     for k, job in enumerate(jobs):
