@@ -12,6 +12,9 @@ VmHWM (the kernel's peak resident set, counted from exec), imports included.
              "by hand" is the same task given the whole COCO file instead of the run's table
   merge      the infer stage's merge of every part file (batches of 64 ROIs, 1,024-float embeddings)
   status     `python -m fathompipe.status` on a queued run of 2 x 1,000 download shards (real Slurm)
+  evaluate   `python -m fathompipe.evaluate` with FiftyOne and the embeddings map on a MongoDB of its own, part
+             by part (the stage's own record in evaluate.done), mongod's memory beside the stage's; then each
+             saved view opened and counted
 The last column is k, the growth exponent of time from 200k to 2M ROIs (time ~ N^k).
 --slurm-check submits a 2M-ROI train split with 1,000 download shards to the real Slurm, lets the first
 four shards run, and prints their MaxRSS from sacct and whether every image arrived intact.
@@ -99,7 +102,9 @@ def serve_images(work: Path, n: int, shards: range) -> Dict[str, str]:
 
 def parts(work: Path, n: int) -> Path:
     """The infer stage's part files for every ROI of the file, as run_shard writes them (batches of 64, in image
-    order; random logits and 1,024-float embeddings), with the shard's completion marker."""
+    order), with the shard's completion marker. Model-like: the predicted class is the truth 70% of the time, by a
+    margin from hesitant to confident, and the 1,024-float embedding lies near its predicted class's centre, so the
+    embeddings map has neighbourhoods to keep."""
     from fathompipe import atomic
     from fathompipe.annotations import load_coco
     from fathompipe.layout import OutputFiles
@@ -109,13 +114,18 @@ def parts(work: Path, n: int) -> Path:
     coco = load_coco(table(work, n))
     order = np.lexsort((coco.annotations.id, coco.annotations.image_id))
     rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (79, 1024)).astype(np.float32)
     out.parts.mkdir(parents=True, exist_ok=True)
     for index, start in enumerate(range(0, len(order), 64)):
         rows = order[start:start + 64]
+        k = len(rows)
+        truth = coco.annotations.category_id[rows] - 1
+        target = np.where(rng.random(k) < 0.7, truth, rng.integers(0, 79, k))
+        logits = rng.normal(0, 1, (k, 79)).astype(np.float32)
+        logits[np.arange(k), target] += rng.uniform(1, 8, k).astype(np.float32)
+        embeddings = centres[target] + rng.normal(0, 1.5, (k, 1024)).astype(np.float32)
         np.savez(out.part(0, index), annotation_id=coco.annotations.id[rows], image_id=coco.annotations.image_id[rows],
-                 logits=rng.normal(0, 3, (len(rows), 79)).astype(np.float32), note=np.asarray([""] * len(rows)),
-                 skipped=np.asarray([], dtype=str),
-                 embeddings=rng.normal(0, 1, (len(rows), 1024)).astype(np.float32))
+                 logits=logits, note=np.asarray([""] * k), skipped=np.asarray([], dtype=str), embeddings=embeddings)
     atomic.write_json(out.shard_marker(0, 1), {"rois": len(order), "skipped": 0})
     return out.csv
 
@@ -172,10 +182,6 @@ def merge(work: Path, n: int) -> Dict[str, float]:
         result = merge(coco, out, list(load_taxonomy()), 1, "train")
         assert result["predicted"] == len(coco.annotations) == result["embedded"], result
         """)
-    from fathompipe.layout import OutputFiles
-    out = OutputFiles(csv)
-    for path in (out.csv, out.parquet, out.embeddings, out.skipped):  # the next run merges again
-        path.unlink()
     return result
 
 
@@ -207,6 +213,83 @@ def status(work: Path, n: int) -> Optional[Dict[str, float]]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def predictions(work: Path, n: int) -> Path:
+    """The infer stage's outputs for the split (the merge of `parts`, once)."""
+    csv = parts(work, n)
+    if not csv.exists():
+        from fathompipe.annotations import load_coco
+        from fathompipe.evaluation.taxonomy import load_taxonomy
+        from fathompipe.layout import OutputFiles
+        from fathompipe.predictions import merge as merge_parts
+        merge_parts(load_coco(table(work, n)), OutputFiles(csv), list(load_taxonomy()), 1, "train")
+    return csv.with_suffix(".parquet")
+
+
+def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
+    """`python -m fathompipe.evaluate` on the split into a fresh dataset of a MongoDB of its own (FiftyOne on, the
+    map on; WiredTiger cache as in an 8 GB evaluate job), part by part from its evaluate.done; mongod's resident
+    memory sampled every 0.2 s beside it. Then each saved view opened and counted in a fresh process."""
+    import threading
+
+    import psutil
+
+    from fathompipe.evaluation.mongod import cache_gb_for
+    from support.mongod import PrivateMongod
+
+    parquet = predictions(work, n)
+    report_dir = Path(tempfile.mkdtemp(dir=work, prefix="evaluate-"))
+    mongod = PrivateMongod(cache_gb=cache_gb_for(8))
+    samples: List[Tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        process = psutil.Process(mongod.proc.pid)
+        while not stop.is_set():
+            samples.append((time.time(), process.memory_info().rss))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    env = {"FIFTYONE_DATABASE_URI": mongod.uri, "FIFTYONE_DATABASE_NAME": f"scale-{n}"}
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "fathompipe.evaluate", "--annotations", str(table(work, n)),
+                               "--predictions", str(parquet), "--report-dir", str(report_dir), "--split", "train",
+                               "--dataset", f"scale-{n}", "--database-uri", mongod.uri], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, **env})
+        wall = time.monotonic() - t0
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        done = json.loads((report_dir / "evaluate.done").read_text())
+        views = child(f"""
+            import os
+            os.environ.update({env!r})
+            import fiftyone as fo
+            ds = fo.load_dataset("scale-{n}")
+            """, """
+            extra = {}
+            for name in ds.list_saved_views():
+                t = time.perf_counter()
+                extra[name] = [len(ds.load_saved_view(name)), time.perf_counter() - t]
+            """)
+    finally:
+        stop.set()
+        sampler.join()
+        mongod.stop()
+        shutil.rmtree(report_dir, ignore_errors=True)
+    rows: Dict[str, Dict[str, float]] = {}
+    for name, part in done["parts"].items():
+        during = [rss for t, rss in samples if part["started"] - 0.2 <= t <= part["ended"] + 0.2]
+        rows[f"evaluate: {name}"] = {"seconds": part["seconds"], "peak": part["peak_gb"] * 2**30,
+                                     "mongod": max(during, default=0)}
+    rows["evaluate: whole stage (process wall time, imports included)"] = {
+        "seconds": wall, "peak": max(r["peak"] for r in rows.values()), "mongod": max(s for _, s in samples)}
+    for name, (count, seconds) in views.items():
+        if name not in ("seconds", "peak"):
+            rows[f"open and count the saved view {name.split('-', 1)[1]} ({count:,})"] = {"seconds": seconds,
+                                                                                         "peak": views["peak"]}
+    return rows
+
+
 STEPS = {
     "preflight": [("pre-flight: parse + validate + cut the table (login node)", preflight)],
     "download": [("download task, shard 0 of 1,000, from the run's table", download),
@@ -214,6 +297,7 @@ STEPS = {
                   lambda w, n: download(w, n, by_hand=True))],
     "merge": [("infer merge, embeddings included", merge)],
     "status": [("status, a queued run of 2 x 1,000 download shards", status)],
+    "evaluate": [],  # one row per part of the stage: `evaluate`
 }
 
 
@@ -222,8 +306,9 @@ def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes:
     print("| step | " + " | ".join(f"{n:,} ROIs" for n in sizes) + " | k (200k -> 2M) |")
     print("|---|" + "---|" * len(sizes) + "---|")
     for name, by_size in rows:
-        cells = [f"{r['seconds']:.2f} s, {r['peak'] / 2**30:.2f} GiB" if r else "" for r in
-                 (by_size.get(n) for n in sizes)]
+        cells = [(f"{r['seconds']:.2f} s, {r['peak'] / 2**30:.2f} GiB"
+                  + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")) if r else ""
+                 for r in (by_size.get(n) for n in sizes)]
         a, b = by_size.get(200_000), by_size.get(2_000_000)
         k = f"{math.log(b['seconds'] / a['seconds']) / math.log(10):.2f}" if a and b else ""
         print(f"| {name} | " + " | ".join(cells) + f" | {k} |")
@@ -287,7 +372,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--sizes", default="23699,200000,2000000")
-    parser.add_argument("--sections", default=",".join(STEPS))
+    parser.add_argument("--sections", default=",".join(STEPS), help=f"any of {', '.join(STEPS)}")
     parser.add_argument("--workdir", default="/tmp/fathompipe-scale")
     parser.add_argument("--slurm-check", action="store_true", help="only the 2M-ROI download shards on Slurm")
     args = parser.parse_args()
@@ -301,11 +386,15 @@ def main() -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
         for n in sizes:
             serve_images(work, n, range(1))
-        rows = []
+        rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]] = []
         for section in args.sections.split(","):
             for name, step in STEPS[section]:
                 rows.append((name, {n: step(work, n) for n in sizes}))
                 print(f"done: {name}", file=sys.stderr, flush=True)
+            if section == "evaluate":
+                by_size = {n: evaluate(work, n) for n in sizes}
+                for name in by_size[sizes[-1]]:
+                    rows.append((name, {n: by_size[n].get(name) for n in sizes}))
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs: "
           f"python bench/scale.py {' '.join(sys.argv[1:])}")
     report(rows, sizes)

@@ -29,6 +29,7 @@ from fathompipe.evaluation.report import write_report, write_rule_csv
 from fathompipe.evaluation.scoring import headline, score
 from fathompipe.jobs import EvaluateJob, EvaluateSplit
 from fathompipe.layout import evaluate_marker
+from fathompipe.measure import Parts
 from fathompipe.predictions import read_predictions
 
 
@@ -37,24 +38,31 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     options = options or EvaluateConfig()
     t0 = time.monotonic()
     out = Path(split.report_dir)
-    dataset = load_coco(split.annotations)  # a run's annotation table: memory-mapped columns
-    preds = read_predictions(split.predictions)  # compact columns; the logits stay in the parquet
-    ev = score(dataset, preds)
+    parts = Parts(f"evaluate {split.split}")
+    with parts.part("load"):
+        dataset = load_coco(split.annotations)  # a run's annotation table: memory-mapped columns
+        preds = read_predictions(split.predictions)  # compact columns; the logits stay in the parquet
+    with parts.part("score"):
+        ev = score(dataset, preds)
     extra = {"annotations": split.annotations, "predictions": split.predictions, "split": split.split}
-    report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
-                          Path(split.images_dir) if split.images_dir else None, split.naming, extra)
+    with parts.part("report"):
+        report = write_report(ev, dataset, out, f"FathomNet 2025 winner on the {split.split} split",
+                              Path(split.images_dir) if split.images_dir else None, split.naming, extra)
     print(f"report: {report}\n{split.split}: {headline(ev.metrics)}", flush=True)
     if options.expected_distance_csv:  # opt-in: the rule's answers in the competition's format (report.py)
         print(f"expected-distance rule's competition CSV: {write_rule_csv(ev, out)}", flush=True)
+    metrics = ev.metrics
     result: Dict[str, object] = {"report": str(report), "metrics": str(out / "metrics.json"),
-                                 "headline": headline(ev.metrics)}
+                                 "headline": headline(metrics)}
     if options.fiftyone:
         from fathompipe.evaluation.fiftyone_io import RoiValues
-        result["fiftyone"] = load_fiftyone(dataset, RoiValues.of(dataset, preds, ev.table),
-                                           bool(ev.metrics["labelled"]), split, options,
+        values = RoiValues.of(dataset, preds, ev.table)
+        del ev  # the per-ROI table: what FiftyOne needs of it is in `values`
+        result["fiftyone"] = load_fiftyone(dataset, values, bool(metrics["labelled"]), split, options,
                                            fiftyone_review.embeddings_beside(Path(split.predictions)),
-                                           fiftyone_eval.extras(ev.metrics))
+                                           fiftyone_eval.extras(metrics), parts)
     result["seconds"] = round(time.monotonic() - t0, 1)
+    result["parts"] = parts.parts
     atomic.write_json(evaluate_marker(out), result)
     return result
 
@@ -70,7 +78,8 @@ def connect(options: EvaluateConfig) -> str:
 
 
 def load_fiftyone(dataset, values, labelled: bool, inputs: EvaluateSplit, options: EvaluateConfig,
-                  embeddings: Optional[Path] = None, more: Optional[fiftyone_eval.Extras] = None) -> Dict[str, object]:
+                  embeddings: Optional[Path] = None, more: Optional[fiftyone_eval.Extras] = None,
+                  parts: Optional[Parts] = None) -> Dict[str, object]:
     """Ingest the split's missing images, write the predictions (`values`: fiftyone_io.RoiValues), store the
     evaluation and the review views (labelled splits) and the embeddings map."""
     from fathompipe.evaluation import fiftyone_io
@@ -78,18 +87,23 @@ def load_fiftyone(dataset, values, labelled: bool, inputs: EvaluateSplit, option
     name, field, split = options.dataset, options.field, inputs.split
     eval_key = f"{options.eval_key}_{split}"
     try:
+        parts = parts or Parts(f"evaluate {split}")
         t0 = time.monotonic()
-        ds = fiftyone_io.ingest(name, dataset, inputs.images_dir or "", split, inputs.naming)
-        imported = fiftyone_io.import_predictions(ds, split, values, field, labelled)
+        with parts.part("fiftyone ingest"):
+            ds = fiftyone_io.ingest(name, dataset, inputs.images_dir or "", split, inputs.naming)
+        with parts.part("fiftyone import"):
+            imported = fiftyone_io.import_predictions(ds, split, values, field, labelled)
         info: Dict[str, object] = {**fiftyone_io.summary(ds, field, split), "split": split, "field": field,
                                    "imported": imported.written, "unmatched": imported.unmatched,
                                    "write_path": "raw bulk write" if imported.raw else "public API (set_values)",
                                    "import_seconds": round(time.monotonic() - t0, 1)}
         if labelled:
-            info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, values, more=more))
+            with parts.part("fiftyone evaluation and views"):
+                info.update(fiftyone_io.evaluate_in_app(ds, field, split, eval_key, values, more=more))
         if embeddings is not None:
-            info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
-                                                  fiftyone_review.brain_key(eval_key)))
+            with parts.part("embeddings map"):
+                info.update(fiftyone_review.visualize(ds, fiftyone_io.split_view(ds, split), embeddings,
+                                                      fiftyone_review.brain_key(eval_key)))
     except Exception as exc:
         if isinstance(exc, ConnectionError) or type(exc).__name__ in (  # FiftyOne raises ConnectionError
                 "ServerSelectionTimeoutError", "ConnectionFailure", "ServiceListenTimeout", "AutoReconnect",

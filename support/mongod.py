@@ -19,7 +19,8 @@ from fathompipe.evaluation.mongod import mongod_binary
 
 
 class PrivateMongod:
-    def __init__(self, port: Optional[int] = None, dbpath: Optional[Path] = None) -> None:
+    def __init__(self, port: Optional[int] = None, dbpath: Optional[Path] = None,
+                 cache_gb: Optional[float] = None) -> None:
         """`dbpath`: open an existing data directory (kept at stop), e.g. one FiftyOne's bundled service wrote."""
         binary = mongod_binary()
         if binary is None:
@@ -33,7 +34,8 @@ class PrivateMongod:
         self.port = port
         self.proc = subprocess.Popen(
             [str(binary), "--dbpath", str(self.dbpath), "--port", str(self.port), "--bind_ip", "127.0.0.1",
-             "--nounixsocket", "--wiredTigerEngineConfigString", "log=(prealloc=false,file_max=10MB)"],
+             "--nounixsocket", "--wiredTigerEngineConfigString", "log=(prealloc=false,file_max=10MB)"]
+            + (["--wiredTigerCacheSizeGB", str(cache_gb)] if cache_gb else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -202,6 +202,27 @@ def test_embeddings_visualization_of_the_winner(fiftyone_db, inputs, tmp_path):
     assert spread < results.points.std(axis=0).mean() / 2
 
 
+def test_map_fitted_on_a_sample_places_every_roi_near_its_own_kind():
+    """Beyond UMAP_SAMPLE ROIs the map is fitted on a sample and the rest placed by UMAP's transform: every requested
+    row gets a point, in the order asked, and neighbourhoods hold as well as in the exact map (support/map_quality)."""
+    from fathompipe.evaluation import fiftyone_review
+    from support.map_quality import neighbour_agreement
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (6, 64))
+    labels = rng.integers(0, 6, 800)
+    vectors = (centres[labels] + rng.normal(0, 1, (800, 64))).astype(np.float32)
+    rows = rng.permutation(800)[:600]
+    agreement = {}
+    for sample in (None, 200):  # the exact map, then fitted on 200 ROIs and the other 400 placed
+        points, method = fiftyone_review.map_2d(vectors, rows, seed=0, sample=sample)
+        assert points.shape == (600, 2) and np.isfinite(points).all()
+        agreement[method] = neighbour_agreement(points, labels[rows])
+    assert list(agreement)[1].endswith("the other 400 placed by its transform")
+    exact, sampled = agreement.values()
+    assert exact > 0.9 and sampled > exact - 0.02, agreement
+
+
 def test_embeddings_map_leaves_out_rois_without_an_embedding(fiftyone_db, inputs, tmp_path):
     """ROIs the infer stage skipped (no embedding) and detections added by hand (no annotation id) get no point;
     every other point sits on its own ROI's patch."""

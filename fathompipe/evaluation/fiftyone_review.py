@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 UMAP_MIN_POINTS = 30  # below this UMAP's 15 neighbours describe little: PCA instead
 UMAP_NEIGHBOURS = 15  # umap-learn's (and FiftyOne Brain's) default
+UMAP_SAMPLE = 50_000  # above this many ROIs the map is fitted on a sample (bench/scale.py --sections map)
+CHUNK = 32_768  # embeddings read and placed at a time (128 MB of 1,024 floats)
 PCA_DIMS_BEFORE_UMAP = 50  # UMAP's neighbour search grows with the dimension; 50 components keep neighbourhoods
 
 
@@ -88,8 +90,9 @@ def brain_key(eval_key: str) -> str:
 
 def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = None) -> Dict[str, object]:
     """A 2-D visualization of the ground-truth patches that have an embedding, under brain run `key`
-    (replaced if present; other brain runs kept). The points come from `map_2d` and are stored as a Brain run
-    of precomputed points (its method reads `manual`), which the App's Embeddings panel draws like any other."""
+    (replaced if present; other brain runs kept). The points come from `map_2d`, which reads the embeddings
+    memory-mapped, and are stored as a Brain run of precomputed points (its method reads `manual`), which the
+    App's Embeddings panel draws like any other."""
     import fiftyone.brain as fob
     import numpy as np
     from fiftyone import ViewField as F
@@ -97,63 +100,103 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = N
     from fathompipe.embeddings import load_embeddings
 
     ids, emb = load_embeddings(embeddings_path)
-    known = set(ids.tolist())
-    in_view = [aid for aids in view.values("ground_truth.detections.annotation_id") for aid in aids or []]
-    missing = set(in_view) - known  # ROIs without an embedding: skipped by infer, or added by hand (None)
+    in_view = np.asarray([-1 if aid is None else aid for aids in view.values("ground_truth.detections.annotation_id")
+                          for aid in aids or []], np.int64)  # -1: a box added by hand
+    at = np.searchsorted(ids, in_view).clip(0, max(len(ids) - 1, 0))
+    has = (ids[at] == in_view) & (in_view >= 0) if len(ids) else np.zeros(len(in_view), bool)
+    missing = np.unique(in_view[~has & (in_view >= 0)])  # skipped by infer: no embedding
     roi_view = view.filter_labels("ground_truth", F("annotation_id").exists() & ~F("annotation_id").is_in(
-        sorted(missing - {None}))) if missing else view
-    order = np.asarray([aid for aid in in_view if aid in known], np.int64)  # the patches of roi_view, in order
+        missing.tolist())) if not has.all() else view
     if key in ds.list_brain_runs():
         ds.delete_brain_run(key)
-    if len(order) < 2:
-        return {"brain_key": None, "embedded_rois": int(len(order)), "visualization": "none (fewer than 2 ROIs)"}
-    points, method = map_2d(emb[np.searchsorted(ids, order)].astype(np.float32), seed)
-    # with patches_field, FiftyOne Brain takes the points of every patch in the view's order, which `order` is
+    if has.sum() < 2:
+        return {"brain_key": None, "embedded_rois": int(has.sum()), "visualization": "none (fewer than 2 ROIs)"}
+    points, method = map_2d(emb, at[has], seed)  # the rows of roi_view's patches, in their order
+    # with patches_field, FiftyOne Brain takes the points of every patch in the view's order, which `at[has]` is
     fob.compute_visualization(roi_view, patches_field="ground_truth", points=points, brain_key=key, progress=False)
-    return {"brain_key": key, "embedded_rois": int(len(order)), "visualization": method}
+    return {"brain_key": key, "embedded_rois": int(has.sum()), "visualization": method}
 
 
-def map_2d(vectors, seed: Optional[int] = None) -> Tuple["np.ndarray", str]:
-    """(points (N, 2), method). UMAP when umap-learn is installed and there are enough points: on 50 PCA
-    components, from sklearn's exact 15-nearest-neighbour graph, so umap-learn skips pynndescent, whose numba
-    compilation in every fresh job cost more than the map itself (bench/evaluate.py). Else PCA.
-    No seed by default: umap-learn runs on one thread when seeded."""
+def map_2d(vectors, rows: Optional["np.ndarray"] = None, seed: Optional[int] = None,
+           sample: Optional[int] = None) -> Tuple["np.ndarray", str]:
+    """(points (len(rows), 2), method) for `vectors[rows]` (every row by default), in the order of `rows`.
+    `vectors` may be a memory map: rows are read CHUNK at a time, never all at once.
+
+    Up to `sample` (UMAP_SAMPLE) ROIs: UMAP on 50 PCA components, from sklearn's exact 15-nearest-neighbour graph,
+    so umap-learn skips pynndescent's index (bench/evaluate.py). Beyond that (a deployment's 2M ROIs, where the
+    exact graph grows as N^1.9), PCA and UMAP are fitted on `sample` ROIs drawn at random and umap-learn's
+    `transform` places every other ROI in chunks near its nearest fitted neighbours: linear time, and each
+    label's neighbourhoods kept (bench/scale.py --sections map measures both against the exact map). PCA alone
+    without umap-learn or with fewer than UMAP_MIN_POINTS ROIs. No seed by default: umap-learn runs on one thread
+    when seeded."""
+    import numpy as np
     from sklearn.decomposition import PCA
 
-    if len(vectors) < UMAP_MIN_POINTS or not umap_available():
-        return PCA(2, random_state=0).fit_transform(vectors), "pca"
+    sample = sample or UMAP_SAMPLE
+    rows = np.arange(len(vectors)) if rows is None else np.asarray(rows)
+    n = len(rows)
+    fitted = np.arange(n) if n <= sample else np.sort(np.random.default_rng(0).choice(n, sample, replace=False))
+    fit_vectors = np.asarray(vectors[rows[fitted]], np.float32)
+    if n < UMAP_MIN_POINTS or not umap_available():
+        pca = PCA(2, random_state=0).fit(fit_vectors)
+        return _in_chunks(vectors, rows, pca.transform), "pca"
     import umap
-    from sklearn.neighbors import NearestNeighbors
 
     _cache_umap_compilation()
-
-    if vectors.shape[1] > PCA_DIMS_BEFORE_UMAP:
-        vectors = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit_transform(vectors)
-    distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(vectors).kneighbors(vectors)
-    reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
-                        random_state=seed)
-    # expected, so kept out of job logs: no `transform` for new data (never used), and well-separated classes
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+    reduce = PCA(PCA_DIMS_BEFORE_UMAP, random_state=0).fit(fit_vectors).transform \
+        if fit_vectors.shape[1] > PCA_DIMS_BEFORE_UMAP else (lambda block: np.asarray(block, np.float32))
+    fit_vectors = reduce(fit_vectors)
+    with warnings.catch_warnings():  # expected, so kept out of job logs: well-separated classes
         warnings.filterwarnings("ignore", message="Graph is not fully connected", category=UserWarning)
-        return reducer.fit_transform(vectors), "umap"
+        if n <= sample:
+            from sklearn.neighbors import NearestNeighbors
+            distances, indices = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(fit_vectors).kneighbors(
+                fit_vectors)
+            reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, precomputed_knn=(indices, distances),
+                                random_state=seed)
+            # expected: an exact graph leaves no index for `transform`, which this path never uses
+            warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+            return reducer.fit_transform(fit_vectors), "umap"
+        reducer = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, random_state=seed).fit(fit_vectors)
+        points = np.empty((n, 2), np.float32)
+        points[fitted] = reducer.embedding_
+        rest = np.setdiff1d(np.arange(n), fitted)
+        points[rest] = _in_chunks(vectors, rows[rest], lambda block: reducer.transform(reduce(block)))
+    return points, f"umap, fitted on {sample:,} ROIs drawn at random, the other {n - sample:,} placed by its transform"
+
+
+def _in_chunks(vectors, rows: "np.ndarray", place) -> "np.ndarray":
+    """place(vectors[chunk of rows]) for every chunk, concatenated: the embeddings read CHUNK rows at a time."""
+    import numpy as np
+    out = [np.asarray(place(np.asarray(vectors[rows[start:start + CHUNK]], np.float32)), np.float32)
+           for start in range(0, len(rows), CHUNK)]
+    return np.concatenate(out) if out else np.empty((0, 2), np.float32)
 
 
 def warm_map_cache() -> None:
-    """Run `map_2d` once on random vectors (setup.sh): the same compiled functions as a real map, now on disk."""
+    """Run `map_2d` on random vectors (setup.sh), both ways (exact, and fitted on a sample then placed): the same
+    compiled functions as a real map, now on disk."""
     import numpy as np
-    map_2d(np.random.default_rng(0).normal(size=(4 * UMAP_MIN_POINTS, 2 * PCA_DIMS_BEFORE_UMAP)).astype(np.float32))
+    vectors = np.random.default_rng(0).normal(size=(8 * UMAP_MIN_POINTS, 2 * PCA_DIMS_BEFORE_UMAP)).astype(np.float32)
+    map_2d(vectors)
+    map_2d(vectors, sample=4 * UMAP_MIN_POINTS)
 
 
 def _cache_umap_compilation() -> None:
-    """Let numba keep umap-learn's compiled functions on disk (`enable_caching`, what `cache=True` does; numba
-    0.68, umap-learn 0.5.12), so only the first evaluate job on a kind of node pays for compiling them."""
+    """Let numba keep umap-learn's and pynndescent's compiled functions on disk (`enable_caching`, what
+    `cache=True` does; numba 0.68, umap-learn 0.5.12), so only the first evaluate job on a kind of node pays for
+    compiling them."""
+    import pynndescent.distances
+    import pynndescent.pynndescent_
+    import pynndescent.rp_trees
+    import pynndescent.utils
     import umap.layouts
     import umap.umap_
     import umap.utils
     from numba.core.registry import CPUDispatcher
 
-    for module in (umap.umap_, umap.layouts, umap.utils):
+    for module in (umap.umap_, umap.layouts, umap.utils, pynndescent.pynndescent_, pynndescent.rp_trees,
+                   pynndescent.utils, pynndescent.distances):
         for function in vars(module).values():
             if isinstance(function, CPUDispatcher):
                 function.enable_caching()
