@@ -283,10 +283,10 @@ def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
                                      "mongod": max(during, default=0)}
     rows["evaluate: whole stage (process wall time, imports included)"] = {
         "seconds": wall, "peak": max(r["peak"] for r in rows.values()), "mongod": max(s for _, s in samples)}
-    for name, (count, seconds) in views.items():
+    for name, value in views.items():
         if name not in ("seconds", "peak"):
-            rows[f"open and count the saved view {name.split('-', 1)[1]} ({count:,})"] = {"seconds": seconds,
-                                                                                         "peak": views["peak"]}
+            rows[f"open and count the saved view {name.split('-', 1)[1]}"] = {"seconds": value[1],
+                                                                            "peak": views["peak"], "n": value[0]}
     return rows
 
 
@@ -307,7 +307,8 @@ def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes:
     print("|---|" + "---|" * len(sizes) + "---|")
     for name, by_size in rows:
         cells = [(f"{r['seconds']:.2f} s, {r['peak'] / 2**30:.2f} GiB"
-                  + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")) if r else ""
+                  + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")
+                  + (f" ({r['n']:,} patches)" if "n" in r else "")) if r else ""
                  for r in (by_size.get(n) for n in sizes)]
         a, b = by_size.get(200_000), by_size.get(2_000_000)
         k = f"{math.log(b['seconds'] / a['seconds']) / math.log(10):.2f}" if a and b else ""

@@ -122,6 +122,28 @@ def test_raw_and_public_evaluation_writes_are_identical(fiftyone_db, inputs, tmp
         assert a == b, path
 
 
+def test_review_views_of_a_large_split_hold_their_first_rois(fiftyone_db, inputs, tmp_path, monkeypatch):
+    """Above REVIEW_LIMIT ROIs a review view holds the first REVIEW_LIMIT in its own order, the same ones, in the same
+    order, as the whole view begins with; the fields it filters and sorts on are indexed."""
+    from fathompipe.evaluation import fiftyone_review
+
+    ds = ingest_like_researchers("review-top", {"train": inputs["train"]})
+    stage(inputs, tmp_path / "whole", ds.name)
+    names = ("eval_model_train-disagreements", "eval_model_train-mistakenness", "eval_model_train-rule-differs")
+    first = {}
+    for name in names[:2]:
+        ids = ds.load_saved_view(name).values("ground_truth.annotation_id")
+        assert len(ids) > 40
+        first[name] = ids[:40]
+    monkeypatch.setattr(fiftyone_review, "REVIEW_LIMIT", 40)
+    stage(inputs, tmp_path / "top", ds.name)
+    for name, ids in first.items():
+        top = ds.load_saved_view(name).values("ground_truth.annotation_id")
+        assert top[:40] == ids and len(top) <= 45, name  # ties at the limit may add a few
+    assert {"split", "image_id", "ground_truth.detections.annotation_id", "ground_truth.detections.mistakenness",
+            "model_predictions.detections.confidence"} <= set(ds.list_indexes())
+
+
 def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, inputs, tmp_path):
     import fiftyone.brain as fob
     from fiftyone import ViewField as F

@@ -149,6 +149,7 @@ class RoiValues:
     vocabulary: List[str]
     mistakenness: np.ndarray  # float64, NaN: none
     rule_label: Optional[np.ndarray]  # object: the expected-distance rule's name (None without logits)
+    correct: Optional[np.ndarray]  # bool: the prediction is the annotation file's label (None: unlabelled)
 
     @classmethod
     def of(cls, dataset: Coco, predictions: Predictions, table: Optional[pd.DataFrame] = None) -> "RoiValues":
@@ -159,7 +160,7 @@ class RoiValues:
         at = np.searchsorted(ids, predictions.annotation_id).clip(0, max(len(ids) - 1, 0))
         found = (ids[at] == predictions.annotation_id) if len(ids) else np.zeros(n, bool)
         image_id = np.where(found, dataset.annotations.image_id[order[at]] if len(ids) else -1, -1)
-        mistakenness, rule = np.full(n, np.nan), None
+        mistakenness, rule, correct = np.full(n, np.nan), None, None
         if table is not None:
             rows = predictions.rows_of(table["annotation_id"].to_numpy())
             has = rows >= 0
@@ -168,9 +169,12 @@ class RoiValues:
             if "rule_prediction" in table:
                 rule = np.full(n, None, object)
                 rule[rows[has]] = table["rule_prediction"].to_numpy()[has]
+            if "correct" in table:
+                correct = np.zeros(n, bool)
+                correct[rows[has]] = table["correct"].to_numpy()[has]
         return cls(predictions.annotation_id, image_id, predictions.concept_name,
                    predictions.confidence.astype(np.float64), predictions.top5, predictions.top5_scores,
-                   predictions.vocabulary, mistakenness, rule)
+                   predictions.vocabulary, mistakenness, rule, correct)
 
     def rows_of(self, ids: Sequence[Optional[int]]) -> np.ndarray:
         """The row of each annotation id; -1 for an id without a prediction (or None: a box added by hand)."""
@@ -369,8 +373,7 @@ def evaluate_in_app(ds, field: str, split: str, eval_key: str, values: RoiValues
     view = split_view(ds, split)
     raw = raw_writes_allowed() if raw is None else raw
     fiftyone_eval.evaluate(ds, view, field, eval_key, values, raw, more)
-    return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key,
-                                                               values.rule_label is not None)}
+    return {"eval_key": eval_key, **fiftyone_review.save_views(ds, view, field, eval_key, values)}
 
 
 def app_command(name: str, view: Optional[str] = None, database_dir: Optional[str] = None) -> str:

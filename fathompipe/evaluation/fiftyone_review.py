@@ -11,8 +11,11 @@ visualization of the ground-truth patches, recomputed on every run under the sam
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+from fathompipe.evaluation.fiftyone_io import RoiValues
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,31 +54,84 @@ def seed_script(entries: Dict[str, str]) -> str:
                    f"{json.dumps(v)});" for k, v in entries.items())
 
 
-def review_patches(view, field: str, eval_key: str, disagreements_only: bool, rule_differs: bool = False):
+def review_patches(view, field: str, eval_key: str, disagreements_only: bool, rule_differs: bool = False,
+                   top: Optional["Top"] = None):
     """Ground-truth patches of the ROIs with a prediction, each carrying its own prediction box (only those the
-    model got wrong, or those where the expected-distance rule answers otherwise, when asked)."""
+    model got wrong, or those where the expected-distance rule answers otherwise, when asked); with `top`, only the
+    first REVIEW_LIMIT ROIs in the view's order (their samples found by index, so the patches made are few)."""
     from fiftyone import ViewField as F
 
     has_prediction = F(f"{eval_key}_id") != ""
     wanted = (F(eval_key) == "fn") & has_prediction if disagreements_only else has_prediction
     if rule_differs:
         wanted = has_prediction & F("rule_label").exists() & (F("rule_label") != F("predicted_label"))
+    if top is not None:
+        view = view.select(top.sample_ids)
+        wanted = wanted & (F(top.attribute) >= top.threshold if top.largest else F(top.attribute) <= top.threshold)
     patches = view.filter_labels("ground_truth", wanted).to_patches("ground_truth", other_fields=[field])
     # "$ground_truth" is the patch's own ground-truth detection: keep only the prediction matched to it
     return patches.filter_labels(field, F("_id").to_string() == F(f"$ground_truth.{eval_key}_id"), only_matches=False)
 
 
-def save_views(ds, view, field: str, eval_key: str, rule: bool = False) -> Dict[str, str]:
+REVIEW_LIMIT = 25_000  # patches a review view holds at most (the train split's 23,699 ROIs fit whole)
+INDEXED = ("split", "image_id", "ground_truth.detections.annotation_id", "ground_truth.detections.mistakenness",
+           "ground_truth.detections.predicted_confidence")  # and <field>.detections.confidence
+
+
+@dataclass
+class Top:
+    """The first REVIEW_LIMIT ROIs of a review view: their samples, and the sort key's value at the limit."""
+
+    sample_ids: List[str]
+    attribute: str  # on the ground-truth detection
+    threshold: float
+    largest: bool
+
+
+def top_of(view, values: RoiValues, rows: "np.ndarray", score: "np.ndarray", attribute: str,
+           largest: bool) -> Optional[Top]:
+    """None when the ROIs `rows` (of `values`) fit in a view, else their first REVIEW_LIMIT by `score`, found in the
+    database through the annotation-id index."""
+    import numpy as np
+
+    if rows.sum() <= REVIEW_LIMIT:
+        return None
+    candidates = np.flatnonzero(rows)
+    ranked = candidates[np.argsort(-score[candidates] if largest else score[candidates], kind="stable")]
+    chosen = ranked[:REVIEW_LIMIT]
+    aids = values.annotation_id[chosen].tolist()
+    sample_ids = view.mongo([{"$match": {"ground_truth.detections.annotation_id": {"$in": aids}}}]).values("id")
+    return Top(sample_ids, attribute, float(score[chosen[-1]]), largest)
+
+
+def create_indexes(ds, field: str) -> None:
+    """Indexes on what the saved views and the App filter and sort on (split, image, annotation, mistakenness,
+    confidence): a 2M-ROI split is then matched and sorted without scanning it (`create_index` keeps existing
+    ones)."""
+    for path in INDEXED + (f"{field}.detections.confidence",):
+        ds.create_index(path)
+
+
+def save_views(ds, view, field: str, eval_key: str, values: RoiValues) -> Dict[str, str]:
     """The disagreements, most confident first, every predicted ROI by mistakenness, most likely wrong first, and
-    (`rule`: the split has the expected-distance rule's labels) the ROIs where the rule answers otherwise than
-    argmax, least confident first."""
+    (where the split has the expected-distance rule's labels) the ROIs where the rule answers otherwise than
+    argmax, least confident first; each the first REVIEW_LIMIT ROIs in that order (every ROI in the file, with its
+    scores, is in the report's rois.csv)."""
     names = view_names(eval_key)
-    ds.save_view(names["saved_view"], review_patches(view, field, eval_key, True)
+    create_indexes(ds, field)
+    predicted = values.image_id >= 0
+    wrong = predicted & ~values.correct if values.correct is not None else predicted
+    ds.save_view(names["saved_view"], review_patches(
+        view, field, eval_key, True, top=top_of(view, values, wrong, values.confidence, "predicted_confidence", True))
                  .sort_by("ground_truth.predicted_confidence", reverse=True), overwrite=True)
-    ds.save_view(names["mistakenness_view"], review_patches(view, field, eval_key, False)
+    ds.save_view(names["mistakenness_view"], review_patches(
+        view, field, eval_key, False, top=top_of(view, values, predicted, values.mistakenness, "mistakenness", True))
                  .sort_by("ground_truth.mistakenness", reverse=True), overwrite=True)
-    if rule:
-        ds.save_view(names["rule_view"], review_patches(view, field, eval_key, False, rule_differs=True)
+    if values.rule_label is not None:
+        differs = predicted & (values.rule_label != values.label)
+        ds.save_view(names["rule_view"], review_patches(
+            view, field, eval_key, False, rule_differs=True,
+            top=top_of(view, values, differs, values.confidence, "predicted_confidence", False))
                      .sort_by("ground_truth.predicted_confidence"), overwrite=True)
     else:
         names.pop("rule_view")
