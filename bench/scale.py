@@ -12,6 +12,8 @@ VmHWM (the kernel's peak resident set, counted from exec), imports included.
              "by hand" is the same task given the whole COCO file instead of the run's table
   merge      the infer stage's merge of every part file (batches of 64 ROIs, 1,024-float embeddings)
   status     `python -m fathompipe.status` on a queued run of 2 x 1,000 download shards (real Slurm)
+  map        the embeddings map alone, today's exact pipeline beside the stage's, and the fraction of each ROI's
+             15 nearest neighbours in the map that share its true label
   evaluate   `python -m fathompipe.evaluate` with FiftyOne and the embeddings map on a MongoDB of its own, part
              by part (the stage's own record in evaluate.done), mongod's memory beside the stage's; then each
              saved view opened and counted
@@ -225,6 +227,30 @@ def predictions(work: Path, n: int) -> Path:
     return csv.with_suffix(".parquet")
 
 
+def map_quality(work: Path, n: int, exact: bool) -> Optional[Dict[str, float]]:
+    """The embeddings map alone (fiftyone_review.map_2d) on the split's embeddings, read memory-mapped as the stage
+    reads them: today's exact pipeline (every ROI in the exact 15-NN graph) or the stage's (fitted on a sample beyond
+    UMAP_SAMPLE), and how many of each ROI's 15 nearest neighbours in the map share its true label. The exact
+    pipeline is not run at 2M (its neighbour search grows as N^1.9: about 1.5 hours here)."""
+    if exact and n > 200_000:
+        return None
+    parquet = predictions(work, n)
+    return child(f"""
+        import numpy as np
+        from fathompipe.annotations import load_coco
+        from fathompipe.embeddings import load_embeddings
+        from fathompipe.evaluation.fiftyone_review import map_2d
+        from support.map_quality import neighbour_agreement
+        ids, vectors = load_embeddings("{parquet.with_suffix('.embeddings.npy')}")
+        coco = load_coco("{table(work, n)}")
+        order = np.argsort(coco.annotations.id)
+        labels = coco.annotations.category_id[order][np.searchsorted(coco.annotations.id[order], ids)]
+        """, f"""
+        points, method = map_2d(vectors, sample={n + 1 if exact else None})
+        extra = {{"agreement": neighbour_agreement(points, labels), "method": method}}
+        """)
+
+
 def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
     """`python -m fathompipe.evaluate` on the split into a fresh dataset of a MongoDB of its own (FiftyOne on, the
     map on; WiredTiger cache as in an 8 GB evaluate job), part by part from its evaluate.done; mongod's resident
@@ -297,6 +323,10 @@ STEPS = {
                   lambda w, n: download(w, n, by_hand=True))],
     "merge": [("infer merge, embeddings included", merge)],
     "status": [("status, a queued run of 2 x 1,000 download shards", status)],
+    "map": [("embeddings map, the exact pipeline of main (15-NN graph of every ROI)",
+             lambda w, n: map_quality(w, n, True)),
+            ("embeddings map, the stage's (fitted on 50,000 ROIs beyond that, the rest placed)",
+             lambda w, n: map_quality(w, n, False))],
     "evaluate": [],  # one row per part of the stage: `evaluate`
 }
 
@@ -308,7 +338,9 @@ def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes:
     for name, by_size in rows:
         cells = [(f"{r['seconds']:.2f} s, {r['peak'] / 2**30:.2f} GiB"
                   + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")
-                  + (f" ({r['n']:,} patches)" if "n" in r else "")) if r else ""
+                  + (f" ({r['n']:,} patches)" if "n" in r else "")
+                  + (f"; label agreement of the 15 nearest {r['agreement']:.3f}" if "agreement" in r else "")) if r
+                 else ""
                  for r in (by_size.get(n) for n in sizes)]
         a, b = by_size.get(200_000), by_size.get(2_000_000)
         k = f"{math.log(b['seconds'] / a['seconds']) / math.log(10):.2f}" if a and b else ""
