@@ -2,7 +2,8 @@
 
 OUT.embeddings.npy: (N, D) float32, row i the vector the classifier head saw for the ROI in row i of
 OUT.parquet (ascending annotation id). At MBARI's size that is 2M x 1024 floats, 8.2 GB: it is written
-row by row with positional writes and read memory-mapped, so neither side holds it in memory. float32, not
+and read row by row with positional writes and reads (`RowFile`, `Rows`), so neither side holds it in memory,
+not even as mapped pages (which a job's memory accounting would count). float32, not
 float16: the head applied to a stored row gives the saved logits back to 1e-5, and float16 would halve
 only the disk. Runs of an earlier version wrote OUT.embeddings.npz (`annotation_id` and `embeddings`),
 still read here. Free of torch, so the evaluate job reads it without loading the model's stack.
@@ -49,9 +50,48 @@ class RowFile:
         self.fh.close()
 
 
-def load_embeddings(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
-    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32), the embeddings memory-mapped when the file
-    is an OUT.embeddings.npy (the ids then come from OUT.parquet beside it)."""
+class Rows:
+    """An (N, D) .npy array read on demand with `pread`: `rows[idx]` reads only those rows (consecutive ones in one
+    call), `np.asarray(rows)` all of them."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            self.shape, fortran, self.dtype = read_header(fh)
+            self.offset = fh.tell()
+        if len(self.shape) != 2 or fortran:
+            raise ValueError(f"{path}: expected a (rows, columns) array in C order, got shape {self.shape}")
+        self.path = path
+        self.ndim = 2
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: "slice | np.ndarray") -> np.ndarray:
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        with open(self.path, "rb") as fh:
+            at = 0
+            for run in np.split(rows, breaks):
+                if len(run):
+                    data = os.pread(fh.fileno(), len(run) * self.row_bytes, self.offset + int(run[0]) * self.row_bytes)
+                    out[at:at + len(run)] = np.frombuffer(data, self.dtype).reshape(len(run), self.shape[1])
+                    at += len(run)
+        return out
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def load_embeddings(path: str | Path) -> Tuple[np.ndarray, "np.ndarray | Rows"]:
+    """(annotation_id (N,) int64 ascending, embeddings (N, D) float32). From an OUT.embeddings.npy the embeddings are
+    `Rows`, read when indexed (the ids then come from OUT.parquet beside it); from an earlier version's .npz, an
+    array."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"embeddings {path} do not exist (the infer stage writes them beside its predictions)")
@@ -64,7 +104,7 @@ def load_embeddings(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
         import pyarrow.parquet as pq
         parquet = path.with_name(path.name.removesuffix(".embeddings.npy") + ".parquet")
         ids = pq.read_table(parquet, columns=["annotation_id"])["annotation_id"].to_numpy()
-        emb = np.load(path, mmap_mode="r")
+        emb = Rows(path)
     if emb.ndim != 2 or len(ids) != len(emb):
         raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match {len(ids)} annotation ids")
     return ids, emb

@@ -63,6 +63,7 @@ def test_embeddings_are_the_classifier_heads_input(parity_copy, tmp_path):
     out = tmp_path / "pred.csv"
     infer(parity_copy, out, batch_size=7)
     ids, emb = load_embeddings(OutputFiles(out).embeddings)
+    emb = np.asarray(emb)  # read on demand; all of it here
     table = pq.read_table(out.with_suffix(".parquet")).to_pandas()
     assert ids.tolist() == table.annotation_id.tolist() and emb.dtype == np.float32
     model, spec = load_model(slim_files(parity_copy, ENCODER))
