@@ -180,10 +180,11 @@ def submission_counts(cfg: PipelineConfig, paths: RunPaths, state: RunState, sta
 
 def refusal_fix(stage: str, reason: str, origins: Origins) -> str:
     """What to change after sbatch refused `stage` for `reason`: its likely keys, grouped by where each was set,
-    e.g. `change infer.resources.qos on the command line (infer.resources.qos=x)`."""
+    those set on the command line first (just typed: the likeliest), e.g. `change infer.resources.qos on the
+    command line (infer.resources.qos=x)`."""
     places: Dict[str, List[str]] = {}
-    for key in keys_to_change(reason):
-        name = f"{stage}.resources.{key}"
+    names = [f"{stage}.resources.{key}" for key in keys_to_change(reason)]
+    for name in sorted(names, key=lambda n: origins.override(n) is None):  # stable: the likeliest key first
         places.setdefault(origins.change(name), []).append(name)
     return "change " + " or ".join(f"{' or '.join(keys)} {where}" for where, keys in places.items())
 
@@ -255,7 +256,7 @@ def submit_stages(cfg: PipelineConfig, paths: RunPaths, state: RunState, request
     state.save(paths)
     if refused:
         raise SubmitError(f"Slurm refused the {', '.join(refused)} job(s); what was submitted stays queued. "
-                          f"Fix the profile key named above, then complete the run with: "
+                          f"Make the change named above, then complete the run with: "
                           f"{fathompipe(*request.retry)}")
     return new
 
