@@ -7,17 +7,18 @@ import json
 import pytest
 
 from conftest import PARITY, ROOT
-from fathompipe.config import ConfigError, EvaluateConfig, load_config, origins, to_yaml
+from fathompipe import config
+from fathompipe.config import ConfigError, EvaluateConfig, load_config, to_yaml
 
 ANN = PARITY / "dataset.json"
 
 
 def test_origin_of_a_key_is_the_override_else_the_profile():
-    o = origins("jobs/pace.yaml", ["infer.resources.qos=x", "download.resources={mem_gb: 1}"])
+    o = config.origins("jobs/pace.yaml", ["infer.resources.qos=x", "download.resources={mem_gb: 1}"])
     assert o.where("infer.resources.qos") == "command line" and o.where("infer.resources.account") == "jobs/pace.yaml"
     assert o.change("download.resources.mem_gb") == "on the command line (download.resources={mem_gb: 1})"
     assert o.change("infer.resources.partition") == "in jobs/pace.yaml"
-    assert origins(None, []).change("infer.resources.qos") == "with infer.resources.qos=... on the command line"
+    assert config.origins(None, []).change("infer.resources.qos") == "with infer.resources.qos=... on the command line"
 
 
 def test_validation_names_the_command_line_when_an_override_set_the_value(tmp_path):
