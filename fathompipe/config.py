@@ -326,13 +326,14 @@ def validate(cfg: PipelineConfig, where: str | Origins = "config") -> None:
 
 
 def _refuse_secrets(tree: Dict[str, Any], origin: Origins, prefix: str = "") -> None:
-    """A secret (what `redact` masks) never sits in the configuration: it would travel in job pickles and
-    config.yaml, and a run rebuilt from the redacted config.yaml (resubmit, resume) would get `***`."""
+    """A secret (what `redact` masks, masked already or not) never sits in the configuration: it would travel in
+    job pickles and config.yaml, and a run rebuilt from the redacted config.yaml (resubmit, resume) would get `***`
+    (as a config.yaml written by an older fathompipe still holds: refused too)."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             _refuse_secrets(value, origin, name + ".")
-        elif redact({key: value})[key] != value:
+        elif isinstance(value, str) and ((_SECRET_KEY.search(str(key)) and value) or _URI_CREDENTIALS.search(value)):
             where = ("FIFTYONE_DATABASE_URI, in the environment or in the .env file the evaluate job reads "
                      "(evaluate.env_file, or .env in the directory you submit from)" if name == "evaluate.database_uri"
                      else "the environment or a .env file, never the configuration")

@@ -35,6 +35,7 @@ def test_validation_names_the_command_line_when_an_override_set_the_value(tmp_pa
     ("evaluate.database_uri=mongodb://alice:s3cret@db:27017/", "evaluate.database_uri"),
     ("evaluate.database_uri=mongodb+srv://alice:s3cret@cluster0.example.net/", "evaluate.database_uri"),
     ("infer.resources.extra={api_key: s3cret}", "infer.resources.extra.api_key"),
+    ("evaluate.database_uri=mongodb://alice:***@db:27017/", "evaluate.database_uri"),  # an older config.yaml's
 ])
 def test_secrets_are_refused_naming_the_key_never_the_secret(tmp_path, override, key):
     with pytest.raises(ConfigError) as exc:
