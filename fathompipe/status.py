@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from typing import Dict, List, Optional
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError, PipelineConfig
 from fathompipe.layout import EVALUATE_DONE, RunPaths
-from fathompipe.pipeline.commands import fathompipe, from_dir
+from fathompipe.pipeline.commands import fathompipe, from_dir, python
 from fathompipe.pipeline.graph import REPORT_PAGE, STAGES, Stage, Task
 from fathompipe.pipeline.scheduler import ACTIVE, job_sort_key, last_error_line, log_paths
 from fathompipe.pipeline.state import RunState, RunStateError, StageState, load_run
@@ -174,7 +175,8 @@ def _finished(paths: RunPaths) -> NextStep:
         fo = done.get("fiftyone") or {}
         if fo.get("dataset") and not app:
             from fathompipe.evaluation.fiftyone_io import app_command
-            app = app_command(fo["dataset"], fo.get("saved_view"))
+            app = app_command(fo["dataset"], fo.get("saved_view"))  # `python -c ...`: with the interpreter here
+            app = shlex.quote(python()) + app.removeprefix("python") if app.startswith("python ") else app
     text = "all stages complete" + (f". Reports: {', '.join(reports)}" if reports else "")
     return NextStep(text + (f". FiftyOne App: {app}" if app else ""), app)
 

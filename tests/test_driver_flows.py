@@ -23,6 +23,7 @@ from fathompipe import cancel, resubmit, status, submit
 from fathompipe.fetch.records import ImageRecord
 from fathompipe.layout import RunPaths, SlimFiles, evaluate_marker
 from fathompipe.model.slim import fingerprint, write_meta
+from fathompipe.pipeline.commands import python
 from fathompipe.pipeline.scheduler import log_paths
 from test_driver_logic import SBATCH_PARTITION, SBATCH_QOS_LIMIT
 
@@ -103,7 +104,8 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.html").write_text("<html></html>")
         if fiftyone:
-            evaluate_marker(out).write_text(json.dumps({"report": str(out / "report.html"), "headline": "h"}))
+            evaluate_marker(out).write_text(json.dumps({"report": str(out / "report.html"), "headline": "h",
+                                                        "fiftyone": {"dataset": "fathomnet-2025"}}))
         return out / "report.html"
 
     def finish(self, stage: str, key: str, state: str = "COMPLETED", log: str = "done\n") -> None:
@@ -220,6 +222,7 @@ def test_status_after_a_finished_run(slurm_fake, tmp_path, capsys, monkeypatch):
     run.finish("evaluate", "test")
     st = status_of(run, capsys)
     assert st["next"].startswith("all stages complete") and str(report) in st["next"]
+    assert st["command"].startswith(f"{shlex.quote(python())} -c ") and "fathomnet-2025" in st["command"]  # the App
     assert all(s["done"] == s["tasks"] and not s["states"] for s in st["stages"])
     elapsed = [s["elapsed_s"] for s in st["stages"]]
     later = time.time() + 360
