@@ -171,16 +171,19 @@ def test_status_after_403s_says_fix_access_first(slurm_fake, tmp_path, capsys):
     assert slurm_fake.jobs()[slurm_fake.of_stage("infer")[-1]]["dependency"] == f"afterok:{new_download}"
 
 
-def test_status_after_a_refused_stage_gives_the_submit_command(slurm_fake, tmp_path, capsys):
+def test_status_after_a_refused_stage_gives_the_submit_command(slurm_fake, tmp_path, capsys, monkeypatch):
     # the per-user job limit refuses the infer job at submission, not at sbatch --test-only
     profile = write_profile(tmp_path, qos="limited")
     slurm_fake.refuse(Refusal("#SBATCH --qos=limited", SBATCH_QOS_LIMIT))
-    assert submit.main(["--profile", str(profile)]) == 1
+    monkeypatch.chdir(tmp_path)
+    assert submit.main(["--profile", profile.name]) == 1  # a profile path relative to where the user is
     captured = capsys.readouterr()
     assert "infer: not submitted" in captured.out
     run = Run(tmp_path / "run", slurm_fake)
+    monkeypatch.chdir(tmp_path / "slurm")  # status from another directory
     st = status_of(run, capsys)
-    assert f"--profile {profile}" in st["command"] and "fathompipe.submit" in st["command"]
+    assert st["command"].startswith(f"cd {tmp_path} && ") and "fathompipe.submit" in st["command"]
+    assert st["command"].endswith(f"--profile {profile.name}")
     assert "infer.resources.qos" in st["next"] and str(profile) in st["next"] and st["command"] in st["next"]
 
     profile.write_text(profile.read_text().replace('"limited"', '"normal"'))  # the fix

@@ -15,7 +15,7 @@ import fcntl
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import submitit
@@ -314,7 +314,10 @@ def _refused(state: RunState, paths: RunPaths, stage: str, reason: str, request:
     state.retry, state.retry_from = list(request.retry), os.getcwd()
     why = f"sbatch refused it: {reason}"
     state.log("refused", stage=stage, why=why)
-    _not_submitted(state, paths, stage, why, refusal_fix(stage, reason, request.origins), out)
+    origins = request.origins  # status may be run elsewhere: the profile by its absolute path
+    if origins.profile and os.path.isfile(origins.profile):
+        origins = replace(origins, profile=os.path.abspath(origins.profile))
+    _not_submitted(state, paths, stage, why, refusal_fix(stage, reason, origins), out)
 
 
 def _waited_local(jobs: List[submitit.Job], stage: str, paths: RunPaths, out: Printer) -> bool:
