@@ -137,14 +137,15 @@ class NextStep:
 
 
 def next_step(rows: List[StageStatus], paths: RunPaths, state: RunState) -> NextStep:
+    """The step that can help now: after a refusal the fix and the refused command (a resubmit would reuse the
+    refused configuration); after access refusals, access first; after failures, resubmit; at the end, the reports."""
     resubmit = fathompipe("resubmit", "--run-dir", str(paths.root))
     what = [f"{r.failed} {r.stage} task(s) failed" for r in rows if r.failed]
     what += [f"{r.cancelled} {r.stage} task(s) cancelled" for r in rows if r.cancelled]
     what += [f"{r.stage} not submitted: {r.not_submitted_reason}" for r in rows if r.not_submitted]
     fixes = [r.fix for r in rows if r.not_submitted and r.fix]
-    if fixes:  # sbatch refused a stage: the fixed configuration has to come in, through the command that submitted
-        again = from_dir(fathompipe(*state.retry), state.retry_from) if state.retry else \
-            fathompipe("resubmit", "--run-dir", str(paths.root), "--profile", "<the run's profile, fixed>")
+    if fixes and state.retry:  # the fixed configuration has to come in: through the command that was refused
+        again = from_dir(fathompipe(*state.retry), state.retry_from)
         return NextStep(f"{'; '.join(what)}. Next: {'; '.join(fixes)}, then run: {again}", again)
     if what:
         later = " (now, or when the jobs still queued or running are done)" \
