@@ -222,7 +222,7 @@ def test_status_after_a_finished_run(slurm_fake, tmp_path, capsys):
     assert st["next"].startswith("all stages complete")
     assert str(run.paths.report_dir("test") / "report.html") in st["next"]
     from fathompipe.pipeline.commands import python  # here: the module is new (its tests run on older code too)
-    assert st["command"].startswith(f"{shlex.quote(python())} -c ") and "fathomnet-2025" in st["command"]  # the App
+    assert st["command"].startswith(f"{shlex.quote(python())} -") and "fathomnet-2025" in st["command"]  # the App
     assert st["command"] in st["next"]
 
 
