@@ -148,12 +148,19 @@ def main() -> None:
           f"{args.latency_ms:.0f} ms latency, loopback, {os.cpu_count()} cores, median of {args.repeats}\n")
     print("| server | client | processes | images/s | MB/s | peak RSS MB | intact after one run | corrupt files kept |")
     print("|---|---|---|---|---|---|---|---|")
+    rates = {}
     for (faults, name), rs in runs.items():
         r = dict(sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2], peak_mb=max(r["peak_mb"] for r in rs))
+        rates[faults, name] = round(r["servable"] / r["seconds"], 1)
         print(f"| {'clean' if faults == 'none' else 'faults'} | {name} | {r.get('processes', 1)} | "
-              f"{r['servable'] / r['seconds']:.1f} | "
+              f"{rates[faults, name]:.1f} | "
               f"{r['mb'] / r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['intact']}/{r['servable']} | "
               f"{r['corrupt_kept']} |")
+    print()
+    for faults in ("none", "realistic"):
+        mine, loop = rates[faults, "fathompipe"], rates[faults, "straightforward loop"]
+        print(f"{'clean' if faults == 'none' else 'faults'} server: fathompipe {mine / loop:.2f}x the straightforward "
+              f"loop's images/s ({mine:.1f} / {loop:.1f})")
 
 
 if __name__ == "__main__":

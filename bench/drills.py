@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # support/
 
-from support.drills import drill_table  # noqa: E402
+from support.drills import drill_table, recovered_cleanly  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
         records = json.loads(report.read_text()) if report.exists() else []
     print("\n## bench/drills.py: failure drills on the real Slurm\n")
     print("\n".join(drill_table(records)))
-    clean = [r for r in records if all(r.get(k) == 0 for k in ("images_redone", "rois_redone", "data_lost"))]
+    clean = [r for r in records if recovered_cleanly(r)]
     print(f"\n{len(records)} drills; {len(clean)} recovered with nothing redone and nothing lost; "
           f"pytest exit status {proc.returncode}")
     return proc.returncode

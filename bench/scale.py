@@ -138,14 +138,14 @@ def preflight(work: Path, n: int) -> Dict[str, float]:
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     try:
         return child(f"""
-            from fathompipe.config import load_config
+            from fathompipe.config import Origins, load_config
             from fathompipe.layout import RunPaths
             from fathompipe.pipeline.preflight import preflight
             cfg = load_config(None, ["data.splits=[train]", "data.train.annotations={annotations(work, n)}",
                                      "data.train.images_dir={work / 'images'}", "run_dir={run_dir}",
                                      "download.num_shards={SHARDS}", "checkpoint.path={work / 'none.ckpt'}"])
             """, """
-            errors = preflight(cfg, RunPaths.of(cfg.run_dir), "bench", write_tables=True)
+            errors = preflight(cfg, RunPaths.of(cfg.run_dir), Origins(base="bench"), write_tables=True)
             assert not errors, errors
             """)
     finally:

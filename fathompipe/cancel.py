@@ -13,6 +13,7 @@ from typing import List
 
 from fathompipe.cli import quiet_pipe
 from fathompipe.config import ConfigError
+from fathompipe.pipeline.commands import fathompipe
 from fathompipe.pipeline.submission import SubmitError, active_jobs, run_lock
 from fathompipe.pipeline.state import RunStateError, load_run
 from fathompipe.pipeline.scheduler import cancel
@@ -43,7 +44,7 @@ def main(argv: List[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"cancelled {len(busy)} job(s){': ' + ', '.join(busy) if busy else ''}; finished work is kept. "
-          f"Continue later with: python -m fathompipe.resubmit --run-dir {paths.root}")
+          f"Continue later with: {fathompipe('resubmit', '--run-dir', str(paths.root))}")
     return 0
 
 

@@ -112,6 +112,7 @@ def load_fiftyone(dataset, values, labelled: bool, inputs: EvaluateSplit, option
                                      f"the database is up and reachable from this node, then rerun the evaluate stage "
                                      f"(python -m fathompipe.resubmit --run-dir R --stage evaluate)") from None
         raise
+    info["app_command"] = fiftyone_io.app_command(name, info.get("saved_view"), options.database_dir)
     print(f"FiftyOne dataset '{name}' in {where}, split {split} ({info['samples']:,} samples): {info['imported']:,} "
           f"predictions in field '{field}' ({info['write_path']})"
           + (f", evaluation '{eval_key}', saved views '{info['saved_view']}' (truth beside prediction, most "

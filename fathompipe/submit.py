@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 from typing import List
@@ -21,13 +20,17 @@ from typing import List
 
 from fathompipe import atomic
 from fathompipe.cli import quiet_pipe
-from fathompipe.config import ConfigError, PipelineConfig, load_config, to_yaml
-from fathompipe.pipeline.submission import SubmitError, adopt_config, run_lock, submission_counts, submit_stages
+from fathompipe.config import ConfigError, Origins, PipelineConfig, load_config, origins, to_yaml
 from fathompipe.layout import RunPaths
-from fathompipe.pipeline.preflight import check_scripts, preflight
-from fathompipe.pipeline.state import RunState, RunStateError
-from fathompipe.pipeline.scheduler import queued_jobs_under, render_sbatch
+from fathompipe.pipeline.commands import fathompipe
 from fathompipe.pipeline.graph import STAGES, job_comment, job_name
+from fathompipe.pipeline.preflight import check_scripts, preflight
+from fathompipe.pipeline.scheduler import queued_jobs_under, render_sbatch
+from fathompipe.pipeline.state import RunState, RunStateError
+from fathompipe.pipeline.submission import (Request, SubmitError, adopt_config, run_lock, submission_counts,
+                                            submit_stages)
+
+ALL = [s.name for s in STAGES]
 
 
 def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> RunState:
@@ -54,7 +57,7 @@ def _rebuilt_state(cfg: PipelineConfig, paths: RunPaths, config_yaml: str) -> Ru
     return state
 
 
-def main(argv: List[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.submit", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="job profile YAML, e.g. jobs/pace.yaml (default: built-in defaults)")
     parser.add_argument("--run-dir", help="run directory (overrides run_dir)")
@@ -63,29 +66,71 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--rebuild-state", action="store_true",
                         help="run.json lost or damaged: rebuild it from the completion markers on disk and resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.cluster:
-        overrides.append(f"cluster={args.cluster}")
+    return parser
+
+
+def _dry_run(cfg: PipelineConfig, paths: RunPaths) -> None:
+    """Print the sbatch script of every stage (dependencies as placeholders: no job id exists yet)."""
+    for stage in STAGES:
+        n = len(stage.tasks(cfg, paths))
+        dep = "afterok:<" + ",".join(stage.after) + " job ids>" if stage.after else ""
+        print(f"# ---- stage {stage.name}: {n} task(s) ----")
+        print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep,
+                            comment=job_comment(paths.root)))
+
+
+def _open_run(cfg: PipelineConfig, paths: RunPaths, origin: Origins, rebuild: bool) -> tuple[RunState, str]:
+    """The run's state and why it is submitted now: a new run (state saved before the first sbatch, so a refusal
+    leaves a reusable run directory), a resume (same configuration, scripts checked by Slurm), or a rebuild."""
+    config_yaml = to_yaml(cfg)
+    try:
+        state = RunState.load(paths)
+    except RunStateError:
+        if not rebuild:
+            raise
+        state = _rebuilt_state(cfg, paths, config_yaml)
+    if state is None:
+        state = RunState(cluster=cfg.cluster)
+        atomic.write_text(paths.config, config_yaml)
+        state.save(paths)
+        print(f"new run in {paths.root} (cluster: {cfg.cluster})")
+        return state, "submit"
+    adopt_config(cfg, paths, state, config_yaml, print)
+    errors = check_scripts(cfg, paths, origin, submission_counts(cfg, paths, state, ALL)) \
+        if cfg.cluster == "slurm" else []
+    if errors:
+        raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
+    print(f"resuming {paths.root}: only unfinished tasks that are not queued or running are submitted")
+    return state, "resume"
+
+
+def _local_outcome(cfg: PipelineConfig, paths: RunPaths) -> int:
+    """Local runs are finished when submit returns: say whether everything is done."""
+    unfinished = [f"{s.name} {t.key}" for s in STAGES for t in s.tasks(cfg, paths) if not t.done()]
+    if unfinished:
+        print(f"error: unfinished: {', '.join(unfinished[:5])}; "
+              f"see {fathompipe('status', '--run-dir', str(paths.root))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: List[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    overrides = [*args.overrides, *([f"run_dir={args.run_dir}"] if args.run_dir else []),
+                 *([f"cluster={args.cluster}"] if args.cluster else [])]
     try:
         cfg = load_config(args.profile, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    paths = RunPaths.of(cfg.run_dir)
-    source = args.profile or "the defaults"
+    paths, origin = RunPaths.of(cfg.run_dir), origins(args.profile, overrides)
     if args.dry_run:
-        for stage in STAGES:
-            n = len(stage.tasks(cfg, paths))
-            dep = "afterok:<" + ",".join(stage.after) + " job ids>" if stage.after else ""
-            print(f"# ---- stage {stage.name}: {n} task(s) ----")
-            print(render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n, dep,
-                                comment=job_comment(paths.root)))
-    existing = paths.run_json.exists() and not args.dry_run
-    # a resume's scripts are checked below; the annotation tables are cut here, unless this is a dry run
-    errors = preflight(cfg, paths, source, {} if existing else None, write_tables=not args.dry_run)
+        _dry_run(cfg, paths)
+    # the annotation tables are cut here (not in a dry run); a resume's scripts are checked in _open_run, for the
+    # tasks it will submit
+    errors = preflight(cfg, paths, origin, {} if paths.run_json.exists() and not args.dry_run else None,
+                       write_tables=not args.dry_run)
     if errors:
         print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
@@ -93,48 +138,22 @@ def main(argv: List[str] | None = None) -> int:
         print("# pre-flight passed: annotations valid, directories writable"
               + (", every script accepted by sbatch --test-only" if cfg.cluster == "slurm" else ""))
         return 0
-    config_yaml = to_yaml(cfg)
-    again = shlex.join(["python", "-m", "fathompipe.submit",
-                        *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--rebuild-state"]])
+    retry = ["submit", *[w for w in words if w != "--rebuild-state"]]
     try:
         with run_lock(paths):
-            try:
-                state = RunState.load(paths)
-            except RunStateError:
-                if not args.rebuild_state:
-                    raise
-                state = _rebuilt_state(cfg, paths, config_yaml)
-            if state is None:
-                state = RunState(cluster=cfg.cluster)
-                atomic.write_text(paths.config, config_yaml)
-                state.save(paths)  # before the first sbatch: a refused one leaves a reusable run directory
-                reason = "submit"
-                print(f"new run in {paths.root} (cluster: {cfg.cluster})")
-            else:
-                adopt_config(cfg, paths, state, config_yaml, print)
-                counts = submission_counts(cfg, paths, state, [s.name for s in STAGES])
-                errors = check_scripts(cfg, paths, source, counts) if cfg.cluster == "slurm" else []
-                if errors:
-                    raise SubmitError("nothing was submitted:\n  " + "\n  ".join(errors))
-                reason = "resume"
-                print(f"resuming {paths.root}: only unfinished tasks that are not queued or running are submitted")
+            state, reason = _open_run(cfg, paths, origin, args.rebuild_state)
             state.log(reason)
-            submit_stages(cfg, paths, state, [s.name for s in STAGES], reason, print, retry=again)
+            submit_stages(cfg, paths, state, Request(ALL, reason, retry, origin), print)
             state.save(paths)
     except RunStateError as exc:
-        print(f"error: {exc}\nexactly: {again} --rebuild-state", file=sys.stderr)
+        print(f"error: {exc}\nexactly: {fathompipe(*retry, '--rebuild-state')}", file=sys.stderr)
         return 1
-    except SubmitError as exc:
+    except (SubmitError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if cfg.cluster != "slurm":  # local runs are finished here: say whether everything is done
-        unfinished = [f"{s.name} {t.key}" for s in STAGES for t in s.tasks(cfg, paths) if not t.done()]
-        if unfinished:
-            print(f"error: unfinished: {', '.join(unfinished[:5])}; "
-                  f"see python -m fathompipe.status --run-dir {paths.root}", file=sys.stderr)
-            return 1
-        return 0
-    print(f"watch: python -m fathompipe.status --run-dir {paths.root}")
+    if cfg.cluster != "slurm":
+        return _local_outcome(cfg, paths)
+    print(f"watch: {fathompipe('status', '--run-dir', str(paths.root))}")
     return 0
 
 

@@ -127,9 +127,11 @@ def test_only_resources_of_unstarted_stages_may_change():
     assert "infer.batch_size" in refused_change(data, started=set())
 
 
-def test_stage_visible_in_squeues_8_character_name():
-    names = [job_name(Path("/scratch/runs/fathomnet2025"), s.name)[:8] for s in STAGES]
-    assert names == ["download", "checkpoi", "infer.fa", "evaluate"]
+def test_stage_and_run_visible_in_squeues_8_character_name():
+    names = {run: [job_name(Path(f"/scratch/runs/{run}"), s.name) for s in STAGES] for run in ("fathomnet", "trial2")}
+    assert [n[:8] for n in names["fathomnet"]] == ["dl.fatho", "ck.fatho", "in.fatho", "ev.fatho"]
+    assert [n[:8] for n in names["trial2"]] == ["dl.trial", "ck.trial", "in.trial", "ev.trial"]
+    assert names["fathomnet"][2] == "in.fathomnet"  # the whole name: squeue -O name:30
 
 
 def test_long_error_line_keeps_its_reason(tmp_path):

@@ -17,7 +17,7 @@ def test_local_executor_runs_the_graph_in_order(tmp_path, fake_fathomnet, parity
     run_dir = tmp_path / "run"
     assert (run_dir / "infer/test/predictions.csv").read_text() == EXPECTED_SUBMISSION.read_text()
     st = status_json(run_dir)
-    assert st["next"] == "all stages complete"
+    assert st["next"].startswith("all stages complete") and str(run_dir / "evaluate/test/report.html") in st["next"]
     assert {s["stage"]: s["items"] for s in st["stages"]}["download"] == {"ok": 12, "missing": 0, "failed": 0}
 
     requests = sum(server.requests.values())

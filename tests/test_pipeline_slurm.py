@@ -67,7 +67,7 @@ def test_full_graph_failure_status_resubmit(slurm, tmp_path, fake_fathomnet, par
     assert "download: submitted 1 task(s)" in proc.stdout and "checkpoint: nothing to do" in proc.stdout
     stages = wait_status(run_dir, lambda s: settled(s))
     assert all_done(stages), stages
-    assert status_json(run_dir)["next"] == "all stages complete"
+    assert status_json(run_dir)["next"].startswith("all stages complete. Reports: ")
 
     predictions = run_dir / "infer" / "test" / "predictions.csv"
     assert predictions.read_text() == EXPECTED_SUBMISSION.read_text()

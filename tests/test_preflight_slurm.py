@@ -1,5 +1,5 @@
 """Pre-flight on the real Slurm (accounting enforced): a doomed run is refused before anything is queued,
-and squeue's default output shows every job's stage."""
+naming the key and where it was set, and squeue's default output shows every job's stage and run."""
 from __future__ import annotations
 
 import json
@@ -42,7 +42,8 @@ def test_slurm_refusal_found_before_queueing(slurm, tmp_path, fake_fathomnet, pa
     profile = write_profile(tmp_path, ann, parity_copy, "slurm")
     for args in (["--dry-run"], []):
         proc = cli("submit", "--profile", str(profile), override, *args)
-        assert_refused_before_queueing(tmp_path, proc, f"stage {stage}: Slurm refuses its job", key, str(profile))
+        assert_refused_before_queueing(tmp_path, proc, f"stage {stage}: Slurm refuses its job",
+                                       f"Change {key} on the command line ({override})")
     assert sum(server.requests.values()) == 0
 
 
@@ -100,6 +101,6 @@ def test_squeue_default_output_shows_each_stage(slurm, tmp_path, fake_fathomnet,
         lines = [ln.split() for ln in out.splitlines()]
         assert lines[0][:3] == ["JOBID", "PARTITION", "NAME"]
         names = {cols[2] for cols in lines[1:] if cols[0].split("_")[0] in ours}
-        assert names == {"download", "checkpoi", "infer.ru", "evaluate"}, out
+        assert names == {"dl.run", "ck.run", "in.run", "ev.run"}, out  # stage code and run name
     finally:
         assert cli("cancel", "--run-dir", str(run_dir)).returncode == 0

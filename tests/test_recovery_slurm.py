@@ -7,6 +7,7 @@ import subprocess
 from datetime import datetime
 
 from conftest import PARITY
+from fathompipe.pipeline.commands import fathompipe
 from support.fakeserver import Faults
 from pipeline_helpers import (EXPECTED_SUBMISSION, all_done, cli, settled, status_json, task_job, wait_status,
                               write_profile)
@@ -45,6 +46,9 @@ def test_refused_mid_graph_then_completed_by_the_same_submit(slurm, tmp_path, fa
     assert "QOSMaxSubmitJobPerUserLimit" in stages["infer"]["not_submitted_reason"]
     assert stages["evaluate"]["not_submitted"] == 1
     assert "infer not submitted: sbatch refused it" in st["next"] and "in progress" not in st["next"]
+    assert "change infer.resources.qos on the command line (infer.resources.qos=fathompipe-3jobs)" in st["next"]
+    assert st["command"] == fathompipe("submit", "--profile", str(profile), *limited,
+                                       "infer.resources.qos=fathompipe-3jobs")  # the refused command, to edit
 
     # the fix changes only resources of stages without finished work: the same command with it completes the run
     fixed = cli("submit", "--profile", str(profile), *limited, "infer.resources.qos=fathompipe")

@@ -10,7 +10,7 @@ from conftest import ROOT
 from fathompipe.config import Resources, load_config
 from fathompipe.layout import RunPaths
 from fathompipe.pipeline.scheduler import render_sbatch
-from fathompipe.pipeline.graph import STAGES, job_comment, job_name
+from fathompipe.pipeline.graph import STAGE_CODES, STAGES, job_comment, job_name
 
 SHIPPED = ROOT / "fathompipe" / "data" / "dataset_test.json"
 
@@ -40,7 +40,7 @@ def test_pace_renders_four_complete_scripts(pace):
         seen.add(stage.name)
         assert opts["account"] == "paceship-dsgt_clef2026" and opts["qos"] == "inferno", stage.name
         assert "partition" not in opts  # Phoenix routes by the resources asked for
-        assert opts["job-name"].startswith(stage.name[:8]) and opts["comment"] == f"fathompipe:{paths.root}"
+        assert opts["job-name"] == f"{STAGE_CODES[stage.name]}.run" and opts["comment"] == f"fathompipe:{paths.root}"
         assert opts["mem"] == f"{int(r.mem_gb * 1024)}M" and opts["cpus-per-task"] == str(r.cpus_per_task)
         assert opts["time"] == str(r.timeout_min)
         assert ("gpus-per-node" in opts) == (stage.name == "infer")

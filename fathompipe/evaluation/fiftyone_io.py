@@ -11,9 +11,9 @@ other splits are never read for matching and never written.
 Predictions become a Detections field reusing the ground-truth boxes (label, confidence,
 `annotation_id`, top-5, `hierarchical_distance` on labelled splits). A re-import updates them in
 place: the same detection id for the same annotation, tags and any attribute someone added kept.
-Writes go through FiftyOne's public API (`values` / `set_values`); only on open-source FiftyOne 1.x
-connected straight to MongoDB a raw bulk write of the same documents is used (tests show both give
-identical datasets; bench/evaluate.py measures them).
+Writes go through FiftyOne's public API (`values` / `set_values`); only on open-source FiftyOne of the
+tested version (RAW_WRITES_TESTED_ON) connected straight to MongoDB a raw bulk write of the same
+documents is used (tests show both give identical datasets; bench/evaluate.py measures them).
 """
 from __future__ import annotations
 
@@ -289,11 +289,15 @@ def declare_fields(ds, field: str, labelled: bool) -> None:
             ds.add_sample_field(path, ftype, subfield=sub)
 
 
+RAW_WRITES_TESTED_ON = "1.22.1"  # constraints.txt pins it; tests/test_fiftyone_dataset.py compares the two paths
+
+
 def raw_writes_allowed() -> bool:
-    """The raw bulk write only where tests prove it equal to the public API: open-source FiftyOne 1.x
-    connected straight to MongoDB (never through an Enterprise API server)."""
+    """The raw bulk write (private parts: `Dataset._sample_collection`, `_doc.id`) only where tests prove it equal
+    to the public API: open-source FiftyOne of exactly the tested version, connected straight to MongoDB (never
+    through an Enterprise API server). Any other version pyproject.toml admits takes the public path."""
     import fiftyone.constants as foc
-    return not api_connection() and not enterprise_sdk_installed() and foc.VERSION.startswith("1.")
+    return not api_connection() and not enterprise_sdk_installed() and foc.VERSION == RAW_WRITES_TESTED_ON
 
 
 def import_predictions(ds, split: str, values: RoiValues, field: str, labelled: bool,

@@ -5,12 +5,18 @@ inference uses without importing the stage).
 The 16 GB file is a pickle from Google Drive, so it is opened with `weights_only=True` and an
 explicit allowlist of the globals a Lightning checkpoint needs; nothing in the file executes. Any
 other global (another Lightning version's callback or loop state, a numpy scalar in a metric) gets
-an inert stand-in that only records its arguments, and is refused inside `state_dict`.
+an inert stand-in that only records its arguments where inference never looks, and is refused inside
+`state_dict` or `hyper_parameters`. A global from a module torch never unpickles (`os`, `sys`, `posix`,
+`nt`: its weights-only loader blocks them whatever the allowlist) refuses the whole file wherever it
+sits; the message names the global and where it sits (`callbacks['...']`), found by a second, inert
+reading of the pickle.
 """
 from __future__ import annotations
 
 import collections
+import io
 import pickle
+import re
 import time
 import typing
 import zipfile
@@ -63,14 +69,24 @@ def inert_stand_ins(names: List[str]) -> List[Tuple[type, str]]:
     return [(type(f"Inert[{name}]", (Inert,), {"global_name": name}), name) for name in names]
 
 
-def _inert_inside(value: Any, where: str, seen: Optional[set] = None) -> Optional[Tuple[str, str]]:
-    """(global name, path) of the first stand-in inside `value` (dicts, lists, OmegaConf containers), else None."""
+def _inert_inside(value: Any, where: str, seen: Optional[set] = None,
+                  wanted: Optional[str] = None) -> Optional[Tuple[str, str]]:
+    """(global name, path) of the first stand-in inside `value` (dicts, lists, OmegaConf containers, and what other
+    stand-ins recorded), else None; with `wanted`, of the first stand-in for that global."""
     seen = set() if seen is None else seen
     if id(value) in seen or isinstance(value, (torch.Tensor, str, bytes, int, float, bool, type(None))):
         return None
     seen.add(id(value))
     if isinstance(value, Inert):
-        return value.global_name, where
+        if wanted is None or value.global_name == wanted:
+            return value.global_name, where
+        recorded = value.__dict__
+        for key, item in [*recorded.get("items", {}).items(), *enumerate(recorded.get("values", [])),
+                          *(("args", a) for a in recorded.get("args", ())), ("state", recorded.get("state"))]:
+            found = _inert_inside(item, where if key in ("args", "state") else f"{where}[{key!r}]", seen, wanted)
+            if found:
+                return found
+        return None
     if isinstance(value, (DictConfig, ListConfig)):
         value = value._content  # private (omegaconf 2.4.0): the raw nodes, so no interpolation or resolver runs
     if isinstance(value, AnyNode):
@@ -82,9 +98,40 @@ def _inert_inside(value: Any, where: str, seen: Optional[set] = None) -> Optiona
     else:
         items = list(getattr(value, "__dict__", {}).items())
     for key, item in items:
-        found = _inert_inside(item, f"{where}[{key!r}]", seen)
+        found = _inert_inside(item, f"{where}[{key!r}]", seen, wanted)
         if found:
             return found
+    return None
+
+
+class _InertReading(pickle.Unpickler):
+    """Reads a checkpoint's pickle with EVERY global replaced by an inert stand-in and no tensor data: only to
+    say where a global sits. Nothing from the file can run: `find_class` never returns a real object."""
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(f"Inert[{module}.{name}]", (Inert,), {"global_name": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> None:  # tensor storages: not read
+        return None
+
+
+def where_global_sits(path: Path, name: str) -> Optional[str]:
+    """The place of global `name` in a torch.save checkpoint, e.g. `callbacks['ModelCheckpoint']`; None if unknown."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            top = _InertReading(io.BytesIO(archive.read(pkl))).load()
+    except Exception:  # a damaged file: the message then says only what torch said
+        return None
+    return _place(top, name)
+
+
+def _place(top: Any, name: str) -> Optional[str]:
+    """Where the stand-in for global `name` sits in a loaded checkpoint, as `callbacks['x']`."""
+    for key, value in (top.items() if isinstance(top, dict) else [("", top)]):
+        found = _inert_inside(value, str(key), wanted=name)
+        if found:
+            return found[1]
     return None
 
 
@@ -102,9 +149,14 @@ def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
-        raise CheckpointError(f"{path}: refused to load: it holds a pickle global outside the allowlist "
-                              f"({detail}). Nothing from it was executed. Use the winner's original "
-                              "checkpoint.") from None
+        named = re.search(r"GLOBAL (\S+)", detail)
+        sits = where_global_sits(path, named.group(1)) if named else None
+        place = f", at {sits}" if sits else ""
+        blocked = " (its module is one torch never unpickles from a checkpoint, wherever it sits)" \
+            if "is blocked" in detail else ""
+        raise CheckpointError(f"{path}: refused to load the whole file: it holds the pickle global "
+                              f"{named.group(1) if named else '(unknown)'}{place}{blocked}. torch said: {detail} "
+                              f"Nothing from it was executed. Use the winner's original checkpoint.") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]}); the file is "
                                 f"truncated or corrupt") from None
@@ -117,8 +169,9 @@ def load_lightning_checkpoint(path: Path) -> Dict[str, Any]:
                                   f"the allowlist, where inference would use it. Nothing from it was executed. Use "
                                   f"the winner's original checkpoint.")
     if unknown:
+        listed = ", ".join(f"{name} at {_place(ckpt, name) or '?'}" for name in sorted(unknown))
         print(f"{path}: {len(unknown)} pickle global(s) outside the allowlist, not needed for inference, "
-              f"loaded as inert stand-ins (nothing from them ran): {', '.join(sorted(unknown))}", flush=True)
+              f"loaded as inert stand-ins (nothing from them ran): {listed}", flush=True)
     return ckpt
 
 

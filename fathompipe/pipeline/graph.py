@@ -18,6 +18,8 @@ from fathompipe.jobs import CheckpointJob, DownloadJob, EvaluateJob, EvaluateSpl
 from fathompipe.layout import OutputFiles, RunPaths, ShardFiles, evaluate_marker
 from fathompipe.model.slim import slim_is_current
 
+REPORT_PAGE = "report.html"  # what the evaluate stage writes first in each split's report directory
+
 
 class Task(Protocol):
     key: str
@@ -142,7 +144,8 @@ class EvaluateTask:
         return all(evaluate_marker(s.report_dir).exists() for s in self.job.splits)
 
     def progress(self) -> Dict[str, int]:
-        return {"reports": sum(evaluate_marker(s.report_dir).exists() for s in self.job.splits)}
+        """Reports written, whether or not the FiftyOne import after them (and so `done`) went through."""
+        return {"reports": sum((Path(s.report_dir) / REPORT_PAGE).exists() for s in self.job.splits)}
 
     def __call__(self) -> object:
         from fathompipe.evaluate import run_job
@@ -190,10 +193,14 @@ def downstream(name: str) -> List[Stage]:
     return out
 
 
+STAGE_CODES = {"download": "dl", "checkpoint": "ck", "infer": "in", "evaluate": "ev"}
+
+
 def job_name(run_root: Path, stage: str) -> str:
-    """`<stage>.<run>`: the stage first, so squeue's default 8-character NAME column shows it
-    (`download`, `checkpoi`, `infer.ru`, `evaluate`); the full run directory goes in `--comment`."""
-    return f"{stage}.{run_root.name}"
+    """`<stage code>.<run>`, e.g. `dl.fathomnet2025`: squeue's default 8-character NAME column shows the stage and
+    the first 5 characters of the run's name (`dl.fatho`), so two runs' jobs are told apart there; `squeue -O
+    name:30` shows the whole name and `comment` the run directory."""
+    return f"{STAGE_CODES.get(stage, stage)}.{run_root.name}"
 
 
 def job_comment(run_root: Path) -> str:

@@ -5,7 +5,9 @@ submission and `--dry-run` (`render_sbatch`, a pure function tested against a go
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
+import io
 import os
 import pickle
 import re
@@ -17,6 +19,7 @@ from typing import Dict, Iterable, List, Optional
 
 import psutil
 import submitit
+from submitit.core.utils import FailedJobError
 # private API (submitit 1.5.4): the exact sbatch text submitit submits, for --dry-run and sbatch --test-only
 from submitit.slurm.slurm import _make_sbatch_string
 
@@ -115,6 +118,27 @@ def make_executor(cluster: str, folder: Path, resources: Resources, job_name: st
     else:
         raise ValueError(f"unknown cluster {cluster!r}")
     return ex
+
+
+class SbatchRefused(RuntimeError):
+    """sbatch refused a stage's script; `reason` is Slurm's own words (`rejection_reason`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def submit_array(executor: submitit.Executor, tasks: List[object]) -> List[submitit.Job]:
+    """Submit `tasks` as one array (one job for one task); SbatchRefused with Slurm's reason when refused.
+
+    submitit prints sbatch's stderr (`sbatch: error: ...`) before it raises the same text: kept out of the
+    terminal here, so that the user reads Slurm's reason once, in fathompipe's message naming the key to change.
+    """
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            return [executor.submit(task) for task in tasks]  # type: ignore[arg-type]
+    except (FailedJobError, OSError) as exc:
+        raise SbatchRefused(rejection_reason(str(exc)) or str(exc)) from None
 
 
 def expand_job_id(job_id: str) -> List[str]:

@@ -38,6 +38,7 @@ class Submission:
 class StageState:
     submissions: List[Submission] = field(default_factory=list)
     not_submitted: str = ""  # why the stage's last submission did not happen (sbatch refused, upstream missing)
+    fix: str = ""  # after sbatch refused it: which key to change and where, e.g. "change infer.resources.qos in P"
 
     def latest_jobs(self) -> Dict[str, str]:
         """Task key -> the job id of its most recent submission."""
@@ -54,6 +55,10 @@ class RunState:
     history: List[Dict[str, object]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     version: int = VERSION
+    # after a refusal: the command that completes the run once the key is fixed (module, then its arguments, e.g.
+    # ["submit", "--profile", "jobs/pace.yaml"]) and the directory it was typed in (its paths are relative to it)
+    retry: List[str] = field(default_factory=list)
+    retry_from: str = ""
 
     def stage(self, name: str) -> StageState:
         return self.stages.setdefault(name, StageState())
@@ -78,7 +83,8 @@ class RunState:
         try:
             raw = json.loads(paths.run_json.read_text())
             stages = {
-                name: StageState([Submission(**s) for s in st["submissions"]], st.get("not_submitted", ""))
+                name: StageState([Submission(**s) for s in st["submissions"]], st.get("not_submitted", ""),
+                                 st.get("fix", ""))
                 for name, st in raw.pop("stages").items()
             }
             return cls(stages=stages, **raw)

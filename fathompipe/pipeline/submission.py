@@ -3,29 +3,32 @@
 On Slurm every stage is queued at once, chained with `afterok` dependencies (and
 `kill-on-invalid-dep`, so nothing waits forever on a failed job). Work whose job is still queued or
 running is never submitted again; what is submitted waits on it (an array task id when the rest of
-its array was replaced). A stage sbatch refuses is recorded in run.json for `status`. The decisions
-(`plan_submission`, `plan_dependency`, `refused_change`) are pure functions with fast tests. Locally
-(submitit's local or debug executor, which know no dependencies) stages run one after another and
-the driver waits.
+its array was replaced). A stage sbatch refuses is recorded in run.json for `status`, with the key to
+change and the command that completes the run. The decisions (`plan_submission`, `plan_dependency`,
+`refused_change`, `refusal_fix`) are pure functions with fast tests; `submit_stages` strings them
+together with thin effectful steps (cancel, sbatch, record, wait). Locally (submitit's local or debug
+executor, which know no dependencies) stages run one after another and the driver waits.
 """
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import submitit
 from omegaconf import OmegaConf
-from submitit.core.utils import FailedJobError
 
 from fathompipe import atomic
-from fathompipe.config import PipelineConfig
+from fathompipe.config import Origins, PipelineConfig, load_config, to_dict
 from fathompipe.layout import RunPaths
+from fathompipe.pipeline.commands import fathompipe
 from fathompipe.pipeline.state import RunState, Submission
-from fathompipe.pipeline.scheduler import (ACTIVE, afterok, cancel, job_sort_key, keys_to_change, local_states,
-                                           make_executor, query_states, rejection_reason)
-from fathompipe.pipeline.graph import STAGES, Task, job_comment, job_name
+from fathompipe.pipeline.scheduler import (ACTIVE, SbatchRefused, afterok, cancel, job_sort_key, keys_to_change,
+                                           local_states, make_executor, query_states, submit_array)
+from fathompipe.pipeline.graph import STAGES, Stage, Task, job_comment, job_name
 
 Printer = Callable[[str], None]
 
@@ -70,7 +73,7 @@ def refused_change(differences: List[Tuple[str, object, object]], started: Set[s
 def adopt_config(cfg: PipelineConfig, paths: RunPaths, state: RunState, config_yaml: str, out: Printer) -> None:
     """Accept the configuration for an existing run if it equals the stored one or changes only the
     resources of stages without finished work (then stored and logged); SubmitError otherwise."""
-    old = OmegaConf.to_container(OmegaConf.load(paths.config))
+    old = to_dict(load_config(paths.config))  # through the loader: paths made absolute as they are now
     new = OmegaConf.to_container(OmegaConf.create(config_yaml))
     differences = config_differences(old, new)
     if not differences:
@@ -155,18 +158,6 @@ def plan_submission(stages: List[Tuple[str, Tuple[str, ...]]], unfinished: Dict[
     return submit, sorted(set(cancel), key=job_sort_key)
 
 
-def _wait_local(jobs: List[submitit.Job], stage: str, out: Printer) -> List[str]:
-    """Wait for local jobs; the error line of each failed one."""
-    errors: List[str] = []
-    for job in jobs:
-        while not job.done():
-            time.sleep(0.5)
-        exc = job.exception()
-        if exc is not None:
-            errors.append(f"{stage} job {job.job_id}: {str(exc).strip().splitlines()[-1][:300]}")
-    return errors
-
-
 def unfinished_tasks(cfg: PipelineConfig, paths: RunPaths, state: RunState,
                      stage_names: List[str]) -> Dict[str, Dict[str, Job]]:
     """Stage -> unfinished task key -> its latest job (None if never submitted)."""
@@ -187,97 +178,168 @@ def submission_counts(cfg: PipelineConfig, paths: RunPaths, state: RunState, sta
     return {name: len(keys) for name, keys in plan.items()}
 
 
-def submit_stages(cfg: PipelineConfig, paths: RunPaths, state: RunState, stage_names: List[str], reason: str,
-                  out: Printer, only: Optional[Dict[str, Set[str]]] = None, retry: str = "") -> Dict[str, Submission]:
-    """Submit the unfinished tasks of `stage_names` (graph order) that are not queued or running, record them.
+def refusal_fix(stage: str, reason: str, origins: Origins) -> str:
+    """What to change after sbatch refused `stage` for `reason`: its likely keys, grouped by where each was set,
+    those set on the command line first (just typed: the likeliest), e.g. `change infer.resources.qos on the
+    command line (infer.resources.qos=x)`."""
+    places: Dict[str, List[str]] = {}
+    names = [f"{stage}.resources.{key}" for key in keys_to_change(reason)]
+    for name in sorted(names, key=lambda n: origins.override(n) is None):  # stable: the likeliest key first
+        places.setdefault(origins.change(name), []).append(name)
+    return "change " + " or ".join(f"{' or '.join(keys)} {where}" for where, keys in places.items())
 
-    `only` limits a stage to some task keys (resubmit --shards). On Slurm, pending downstream jobs whose
-    upstream gets new jobs are cancelled and re-chained. A stage sbatch refuses is recorded (status shows
-    why), the stages after it are not submitted, and SubmitError names `retry`, the command that completes
-    the run after the fix. Locally each stage is waited for, and a failed stage stops the chain.
+
+def waits_for(never: List[str]) -> str:
+    """Why a stage is not submitted when upstream work (`stage:key`) is neither finished, queued nor submitted."""
+    ups = sorted({k.split(":")[0] for k in never})
+    return (f"waits for {', '.join(ups)} work that is neither finished, queued nor submitted now "
+            f"({', '.join(k.split(':', 1)[1] for k in never[:3])})")
+
+
+@dataclass
+class Request:
+    """One submit, resume or resubmit: which stages (graph order), why, and what to say after a refusal."""
+
+    stages: List[str]
+    reason: str  # submit | resume | resubmit, recorded with each submission
+    retry: List[str]  # the command (module, then arguments) that completes the run once a refused key is fixed
+    origins: Origins  # where each key was set: where to change it
+    only: Optional[Dict[str, Set[str]]] = None  # stage -> task keys (resubmit --shards)
+
+
+def submit_stages(cfg: PipelineConfig, paths: RunPaths, state: RunState, request: Request,
+                  out: Printer) -> Dict[str, Submission]:
+    """Submit the unfinished tasks of the requested stages that are not queued or running, and record them.
+
+    On Slurm, pending downstream jobs whose upstream gets new jobs are cancelled and re-chained. A stage sbatch
+    refuses is recorded (status shows why, what to change and the retry command), the stages after it are not
+    submitted, and SubmitError names the retry command. Locally each stage is waited for; a failure stops the chain.
     """
-    new: Dict[str, Submission] = {}
     states = job_states(state, paths) if state.cluster == "slurm" else {}
-    unfinished = unfinished_tasks(cfg, paths, state, stage_names)
-    plan, to_cancel = plan_submission([(s.name, s.after) for s in STAGES], unfinished, states, only)
+    unfinished = unfinished_tasks(cfg, paths, state, request.stages)
+    plan, to_cancel = plan_submission([(s.name, s.after) for s in STAGES], unfinished, states, request.only)
     if to_cancel and state.cluster == "slurm":
-        cancel(to_cancel)
-        out(f"cancelled {len(to_cancel)} waiting downstream job(s) to re-chain them: {', '.join(to_cancel)}")
-        state.log("rechain", cancelled=to_cancel)
+        _rechain(state, to_cancel, out)
     live = {j for j, st in states.items() if st in ACTIVE and j not in to_cancel}
+    new: Dict[str, Submission] = {}
     refused: List[str] = []
-    for stage in STAGES:
-        if stage.name not in stage_names:
-            continue
+    for stage in (s for s in STAGES if s.name in request.stages):
         st = state.stage(stage.name)
-        left_alone = len(unfinished[stage.name]) - len(plan.get(stage.name, []))
-        if stage.name not in plan:
-            st.not_submitted = ""
+        keys = plan.get(stage.name, [])
+        left_alone = len(unfinished[stage.name]) - len(keys)
+        if not keys:
+            st.not_submitted = st.fix = ""
             out(f"{stage.name}: nothing to do" + (f" ({left_alone} task(s) still queued or running)" if left_alone
                                                  else " (every task has its completion marker)"))
             continue
-        keys = set(plan[stage.name])
-        tasks: List[Task] = [t for t in stage.tasks(cfg, paths) if t.key in keys]
         dependency = ""
         if state.cluster == "slurm":
-            upstream = {f"{up}:{k}": j for up in stage.after for k, j in
-                        unfinished_tasks(cfg, paths, state, [up])[up].items()}
-            new_jobs = {f"{up}:{k}": new[up].job_id for up in stage.after if up in new for k in new[up].tasks}
-            dep, never = plan_dependency(upstream, new_jobs, live)
+            dep, never = plan_dependency(_upstream(cfg, paths, state, stage), _upstream_new(stage, new), live)
             if dep is None:
-                ups = sorted({k.split(":")[0] for k in never})
-                st.not_submitted = (f"waits for {', '.join(ups)} work that is neither finished, queued nor "
-                                    f"submitted now ({', '.join(k.split(':', 1)[1] for k in never[:3])})")
-                state.save(paths)
-                out(f"{stage.name}: not submitted: {st.not_submitted}")
+                _not_submitted(state, paths, stage.name, waits_for(never), "", out)
                 continue
             dependency = dep
-        resources = stage.resources(cfg)
-        executor = make_executor(state.cluster, paths.logs(stage.name), resources, job_name(paths.root, stage.name),
-                                 dependency, job_comment(paths.root))
+        tasks: List[Task] = [t for t in stage.tasks(cfg, paths) if t.key in set(keys)]
         try:
-            if state.cluster == "local":
-                jobs = _submit_local_waves(executor, tasks, resources.array_parallelism, stage.name, out)
-            else:
-                with executor.batch():
-                    jobs = [executor.submit(task) for task in tasks]
-        except (FailedJobError, OSError) as exc:
-            st.not_submitted = f"sbatch refused it: {rejection_reason(str(exc)) or exc}"
-            state.log("refused", stage=stage.name, why=st.not_submitted)
-            state.save(paths)
-            keys_hint = ", ".join(f"{stage.name}.resources.{k}" for k in keys_to_change(st.not_submitted))
-            out(f"{stage.name}: not submitted: {st.not_submitted} (check {keys_hint})")
+            jobs = _queue(cfg, paths, state.cluster, stage, tasks, dependency)
+        except SbatchRefused as exc:
+            _refused(state, paths, stage.name, exc.reason, request, out)
             refused.append(stage.name)
             continue
-        st.not_submitted = ""
-        sub = Submission(job_id=jobs[0].job_id.split("_")[0] if state.cluster == "slurm" else jobs[0].job_id,
-                         tasks={t.key: j.job_id for t, j in zip(tasks, jobs)}, dependency=dependency, reason=reason)
-        st.submissions.append(sub)
-        new[stage.name] = sub
-        state.save(paths)
-        dep = f" after {dependency}" if dependency else ""
-        extra = f"; {left_alone} task(s) still queued or running were left alone" if left_alone else ""
-        out(f"{stage.name}: submitted {len(tasks)} task(s) as job {sub.job_id}{dep}{extra}; "
-            f"logs in {paths.logs(stage.name)}")
-        if state.cluster != "slurm":
-            errors = _wait_local(jobs, stage.name, out)
-            if errors:
-                for e in errors:
-                    out(f"  FAILED {e}")
-                out(f"{stage.name}: {len(errors)} task(s) failed; later stages not run. "
-                    f"Retry with: python -m fathompipe.resubmit --run-dir {paths.root}")
-                break
-            out(f"{stage.name}: done")
+        new[stage.name] = _record(state, paths, stage.name, tasks, jobs, dependency, request.reason)
+        out(f"{stage.name}: submitted {len(tasks)} task(s) as job {new[stage.name].job_id}"
+            + (f" after {dependency}" if dependency else "")
+            + (f"; {left_alone} task(s) still queued or running were left alone" if left_alone else "")
+            + f"; logs in {paths.logs(stage.name)}")
+        if state.cluster != "slurm" and not _waited_local(jobs, stage.name, paths, out):
+            break
     state.save(paths)
     if refused:
         raise SubmitError(f"Slurm refused the {', '.join(refused)} job(s); what was submitted stays queued. "
-                          f"Fix the profile key named above, then complete the run with: "
-                          f"{retry or f'python -m fathompipe.resubmit --run-dir {paths.root}'}")
+                          f"Make the change named above, then complete the run with: "
+                          f"{fathompipe(*request.retry)}")
     return new
 
 
-def _submit_local_waves(executor: submitit.Executor, tasks: List[Task], parallelism: int, stage: str,
-                        out: Printer) -> List[submitit.Job]:
+def _rechain(state: RunState, to_cancel: List[str], out: Printer) -> None:
+    cancel(to_cancel)
+    out(f"cancelled {len(to_cancel)} waiting downstream job(s) to re-chain them: {', '.join(to_cancel)}")
+    state.log("rechain", cancelled=to_cancel)
+
+
+def _upstream(cfg: PipelineConfig, paths: RunPaths, state: RunState, stage: Stage) -> Dict[str, Job]:
+    """`upstream:key` -> latest job of each unfinished task of the stages `stage` runs after."""
+    return {f"{up}:{k}": j for up in stage.after for k, j in unfinished_tasks(cfg, paths, state, [up])[up].items()}
+
+
+def _upstream_new(stage: Stage, new: Dict[str, Submission]) -> Dict[str, str]:
+    """`upstream:key` -> the job submitted for it just now."""
+    return {f"{up}:{k}": new[up].job_id for up in stage.after if up in new for k in new[up].tasks}
+
+
+def _queue(cfg: PipelineConfig, paths: RunPaths, cluster: str, stage: Stage, tasks: List[Task],
+           dependency: str) -> List[submitit.Job]:
+    """Hand the tasks to submitit: one Slurm array (SbatchRefused when refused), or local processes."""
+    resources = stage.resources(cfg)
+    executor = make_executor(cluster, paths.logs(stage.name), resources, job_name(paths.root, stage.name),
+                             dependency, job_comment(paths.root))
+    if cluster == "local":
+        return _submit_local_waves(executor, tasks, resources.array_parallelism)
+    if cluster == "slurm":
+        return submit_array(executor, list(tasks))
+    with executor.batch():
+        return [executor.submit(task) for task in tasks]
+
+
+def _record(state: RunState, paths: RunPaths, stage: str, tasks: List[Task], jobs: List[submitit.Job],
+            dependency: str, reason: str) -> Submission:
+    st = state.stage(stage)
+    st.not_submitted = st.fix = ""
+    sub = Submission(job_id=jobs[0].job_id.split("_")[0] if state.cluster == "slurm" else jobs[0].job_id,
+                     tasks={t.key: j.job_id for t, j in zip(tasks, jobs)}, dependency=dependency, reason=reason)
+    st.submissions.append(sub)
+    state.save(paths)  # at once: a later refusal or crash must not lose the job ids
+    return sub
+
+
+def _not_submitted(state: RunState, paths: RunPaths, stage: str, why: str, fix: str, out: Printer) -> None:
+    st = state.stage(stage)
+    st.not_submitted, st.fix = why, fix
+    state.save(paths)
+    out(f"{stage}: not submitted: {why}" + (f" ({fix})" if fix else ""))
+
+
+def _refused(state: RunState, paths: RunPaths, stage: str, reason: str, request: Request, out: Printer) -> None:
+    """Record a refusal: why, the key to change, and the command that completes the run afterwards."""
+    state.retry, state.retry_from = list(request.retry), os.getcwd()
+    why = f"sbatch refused it: {reason}"
+    state.log("refused", stage=stage, why=why)
+    origins = request.origins  # status may be run elsewhere: the profile by its absolute path
+    if origins.profile and os.path.isfile(origins.profile):
+        origins = replace(origins, profile=os.path.abspath(origins.profile))
+    _not_submitted(state, paths, stage, why, refusal_fix(stage, reason, origins), out)
+
+
+def _waited_local(jobs: List[submitit.Job], stage: str, paths: RunPaths, out: Printer) -> bool:
+    """Wait for a local stage's jobs; False (and each error line printed) when any failed."""
+    errors: List[str] = []
+    for job in jobs:
+        while not job.done():
+            time.sleep(0.5)
+        exc = job.exception()
+        if exc is not None:
+            errors.append(f"{stage} job {job.job_id}: {str(exc).strip().splitlines()[-1][:300]}")
+    if errors:
+        for e in errors:
+            out(f"  FAILED {e}")
+        out(f"{stage}: {len(errors)} task(s) failed; later stages not run. "
+            f"Retry with: {fathompipe('resubmit', '--run-dir', str(paths.root))}")
+        return False
+    out(f"{stage}: done")
+    return True
+
+
+def _submit_local_waves(executor: submitit.Executor, tasks: List[Task], parallelism: int) -> List[submitit.Job]:
     """The local executor starts every job at once; keep at most `parallelism` running."""
     jobs: List[submitit.Job] = []
     for task in tasks:
