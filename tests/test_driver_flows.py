@@ -371,3 +371,19 @@ def test_cancel_then_resubmit(slurm_fake, tmp_path, capsys):
     proc = run_copied(st["command"], slurm_fake, tmp_path / "elsewhere")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "download: submitted 2 task(s)" in proc.stdout and "infer: submitted 1 task(s)" in proc.stdout
+
+
+def test_a_stage_larger_than_maxarraysize_goes_in_several_arrays(slurm_fake, tmp_path, capsys, monkeypatch):
+    """Slurm refuses an array past MaxArraySize (1,001 by default: 2 splits x 1,000 shards exceed it): the stage is
+    submitted as several arrays, every one recorded, and the next stage waits for all of them."""
+    from fathompipe.pipeline import scheduler
+
+    monkeypatch.setattr(scheduler, "max_array_size", lambda: 2)
+    assert submit.main(["--profile", str(write_profile(tmp_path))]) == 0
+    downloads = slurm_fake.of_stage("download")
+    assert len(downloads) == 2 and "submitted 3 task(s) as job " + ", ".join(downloads) in capsys.readouterr().out
+    (ckpt,), (infer,) = slurm_fake.of_stage("checkpoint"), slurm_fake.of_stage("infer")
+    assert slurm_fake.jobs()[infer]["dependency"] == f"afterok:{':'.join(sorted([*downloads, ckpt], key=int))}"
+    run = Run(tmp_path / "run", slurm_fake)
+    assert [s["job_id"] for s in run.state()["stages"]["download"]["submissions"]] == list(downloads)
+    assert stages_of(status_of(run, capsys))["download"]["pending"] == SHARDS

@@ -18,7 +18,7 @@ from fathompipe.annotations import AnnotationError, load_coco
 from fathompipe.config import Origins, PipelineConfig
 from fathompipe.layout import RunPaths
 from fathompipe.pipeline.state import RunState, RunStateError
-from fathompipe.pipeline.scheduler import render_sbatch, sbatch_test_only
+from fathompipe.pipeline.scheduler import max_array_size, render_sbatch, sbatch_test_only
 from fathompipe.pipeline.graph import STAGES, job_comment, job_name
 from fathompipe.pipeline.submission import refusal_fix
 
@@ -101,8 +101,8 @@ def check_scripts(cfg: PipelineConfig, paths: RunPaths, origins: Origins, counts
         n = counts.get(stage.name, 0)
         if not n:
             continue
-        script = render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name), n,
-                               comment=job_comment(paths.root))
+        script = render_sbatch(stage.resources(cfg), job_name(paths.root, stage.name), paths.logs(stage.name),
+                               min(n, max_array_size()), comment=job_comment(paths.root))  # the largest array
         why = sbatch_test_only(script)
         if why:
             fix = refusal_fix(stage.name, why, origins)

@@ -121,24 +121,46 @@ def make_executor(cluster: str, folder: Path, resources: Resources, job_name: st
 
 
 class SbatchRefused(RuntimeError):
-    """sbatch refused a stage's script; `reason` is Slurm's own words (`rejection_reason`)."""
+    """sbatch refused a stage's script; `reason` is Slurm's own words (`rejection_reason`). `submitted`: the jobs of
+    the arrays sbatch had accepted before it (a stage in several arrays), which are queued and must be recorded."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, submitted: Optional[List[submitit.Job]] = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.submitted = submitted or []
 
 
-def submit_array(executor: submitit.Executor, tasks: List[object]) -> List[submitit.Job]:
-    """Submit `tasks` as one array (one job for one task); SbatchRefused with Slurm's reason when refused.
+def max_array_size() -> int:
+    """Slurm's MaxArraySize (an array's task indices run 0..MaxArraySize-1): 1001 unless the cluster sets it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_MAX_ARRAY_SIZE
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY_SIZE
+
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default
+
+
+def submit_array(executor: submitit.Executor, tasks: List[object], max_size: Optional[int] = None
+                 ) -> List[submitit.Job]:
+    """Submit `tasks` as one array (one job for one task), or as several when there are more than the cluster's
+    MaxArraySize (e.g. 2 splits x 1,000 download shards); SbatchRefused with Slurm's reason when refused.
 
     submitit prints sbatch's stderr (`sbatch: error: ...`) before it raises the same text: kept out of the
     terminal here, so that the user reads Slurm's reason once, in fathompipe's message naming the key to change.
     """
+    size = max_size or max_array_size()
+    jobs: List[submitit.Job] = []
     try:
-        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
-            return [executor.submit(task) for task in tasks]  # type: ignore[arg-type]
+        for start in range(0, len(tasks), size):
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+                chunk = [executor.submit(task) for task in tasks[start:start + size]]  # type: ignore[arg-type]
+            jobs += chunk  # submitted when the batch closes: only then are they queued
     except (FailedJobError, OSError) as exc:
-        raise SbatchRefused(rejection_reason(str(exc)) or str(exc)) from None
+        raise SbatchRefused(rejection_reason(str(exc)) or str(exc), jobs) from None
+    return jobs
 
 
 def expand_job_id(job_id: str) -> List[str]:

@@ -243,6 +243,9 @@ def submit_stages(cfg: PipelineConfig, paths: RunPaths, state: RunState, request
         try:
             jobs = _queue(cfg, paths, state.cluster, stage, tasks, dependency)
         except SbatchRefused as exc:
+            if exc.submitted:  # the arrays sbatch accepted before it refused one: queued, so recorded
+                _record(state, paths, stage.name, tasks[:len(exc.submitted)], exc.submitted, dependency,
+                        request.reason)
             _refused(state, paths, stage.name, exc.reason, request, out)
             refused.append(stage.name)
             continue
@@ -273,8 +276,8 @@ def _upstream(cfg: PipelineConfig, paths: RunPaths, state: RunState, stage: Stag
 
 
 def _upstream_new(stage: Stage, new: Dict[str, Submission]) -> Dict[str, str]:
-    """`upstream:key` -> the job submitted for it just now."""
-    return {f"{up}:{k}": new[up].job_id for up in stage.after if up in new for k in new[up].tasks}
+    """`upstream:key` -> the job (the whole array, on Slurm) submitted for it just now."""
+    return {f"{up}:{k}": job.split("_")[0] for up in stage.after if up in new for k, job in new[up].tasks.items()}
 
 
 def _queue(cfg: PipelineConfig, paths: RunPaths, cluster: str, stage: Stage, tasks: List[Task],
@@ -293,13 +296,19 @@ def _queue(cfg: PipelineConfig, paths: RunPaths, cluster: str, stage: Stage, tas
 
 def _record(state: RunState, paths: RunPaths, stage: str, tasks: List[Task], jobs: List[submitit.Job],
             dependency: str, reason: str) -> Submission:
+    """One Submission per Slurm array (a stage larger than Slurm's MaxArraySize goes in several); returns what was
+    submitted now, all arrays together."""
     st = state.stage(stage)
     st.not_submitted = st.fix = ""
-    sub = Submission(job_id=jobs[0].job_id.split("_")[0] if state.cluster == "slurm" else jobs[0].job_id,
-                     tasks={t.key: j.job_id for t, j in zip(tasks, jobs)}, dependency=dependency, reason=reason)
-    st.submissions.append(sub)
+    arrays: Dict[str, Dict[str, str]] = {}
+    for task, job in zip(tasks, jobs):
+        array = job.job_id.split("_")[0] if state.cluster == "slurm" else jobs[0].job_id
+        arrays.setdefault(array, {})[task.key] = job.job_id
+    for array, keys in arrays.items():
+        st.submissions.append(Submission(job_id=array, tasks=keys, dependency=dependency, reason=reason))
     state.save(paths)  # at once: a later refusal or crash must not lose the job ids
-    return sub
+    return Submission(job_id=", ".join(arrays), tasks={k: j for keys in arrays.values() for k, j in keys.items()},
+                      dependency=dependency, reason=reason)
 
 
 def _not_submitted(state: RunState, paths: RunPaths, stage: str, why: str, fix: str, out: Printer) -> None:
