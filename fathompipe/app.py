@@ -46,8 +46,36 @@ class TokenGate:
     T`. A page request carrying `?token=` is redirected to the same URL without it, setting the cookie, so the
     token leaves the address bar; the App's own requests are same-origin and carry the cookie."""
 
-    def __init__(self, app: Callable, token: str, cookie: str) -> None:
+    def __init__(self, app: Callable, token: str, cookie: str, page_script: str = "") -> None:
         self.app, self.token, self.cookie = app, token.encode(), cookie
+        self.page_script = f"<script>{page_script}</script>".encode() if page_script else b""
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """To the App; its HTML pages get `page_script` at the end of their head."""
+        if not self.page_script or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: List[Dict[str, object]] = []
+
+        async def inject(message: Dict[str, object]) -> None:
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers", [])).get(b"content-type", b"")  # type: ignore[arg-type]
+                if b"text/html" in kind:
+                    held.append(message)  # until the body is known: its length changes
+                    return
+            elif held and message["type"] == "http.response.body":
+                held.append(message)
+                if message.get("more_body"):
+                    return
+                start, *parts = held
+                body = b"".join(p.get("body", b"") for p in parts)  # type: ignore[misc]
+                body = body.replace(b"</head>", self.page_script + b"</head>", 1)
+                headers = [(k, str(len(body)).encode() if k == b"content-length" else v)
+                           for k, v in start["headers"]]  # type: ignore[union-attr]
+                await send({**start, "headers": headers})
+                return await send({"type": "http.response.body", "body": body})
+            await send(message)
+
+        await self.app(scope, receive, inject)
 
     def allows(self, value: Optional[str]) -> bool:
         return bool(value) and hmac.compare_digest(value.encode(), self.token)  # type: ignore[union-attr]
@@ -68,7 +96,7 @@ class TokenGate:
                 cookie = f"{self.cookie}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict"
                 return await self._respond(send, 302, b"", [(b"location", location.encode("latin-1")),
                                                            (b"set-cookie", cookie.encode())])
-            return await self.app(scope, receive, send)
+            return await self._pass(scope, receive, send)
         jar = SimpleCookie()
         for value in headers.get("cookie", []):
             try:
@@ -78,7 +106,7 @@ class TokenGate:
         scheme, _, credential = (headers.get("authorization") or [""])[0].partition(" ")
         if self.allows(jar[self.cookie].value if self.cookie in jar else None) or \
                 (scheme.lower() in ("token", "bearer") and self.allows(credential.strip())):
-            return await self.app(scope, receive, send)
+            return await self._pass(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})  # before accept: the client sees 403
         return await self._respond(send, 403, b"fathompipe: this FiftyOne App is private. Open it with the URL, "
@@ -130,6 +158,17 @@ def app_path(dataset: Optional[str], view: Optional[str]) -> str:
     return path
 
 
+def shown_attributes(dataset: Optional[str]) -> str:
+    """JavaScript that makes the App show truth, prediction, confidence and mistakenness on every patch of `dataset`
+    without clicks, where the browser has no choice of its own yet (fiftyone_review.shown_label_attributes)."""
+    if dataset is None:
+        return ""
+    import fiftyone as fo
+
+    from fathompipe.evaluation.fiftyone_review import seed_script, shown_label_attributes
+    return seed_script(shown_label_attributes(fo.load_dataset(dataset)))
+
+
 def serve(listener: socket.socket, token: str, dataset: Optional[str], view: Optional[str], where: str) -> None:
     os.environ["FIFTYONE_SERVER"] = "1"  # before fiftyone's import, as fiftyone/server/main.py sets it (1.22.1)
     path = app_path(dataset, view)
@@ -148,7 +187,7 @@ def serve(listener: socket.socket, token: str, dataset: Optional[str], view: Opt
     config.bind = [f"fd://{listener.detach()}"]
     config.loglevel = "WARNING"
     config.graceful_timeout = 2  # open event streams are cut after this at shutdown
-    gate = TokenGate(fiftyone_app, token, f"fathompipe-app-{port}")
+    gate = TokenGate(fiftyone_app, token, f"fathompipe-app-{port}", shown_attributes(dataset))
     url = f"http://127.0.0.1:{port}{path}{'&' if '?' in path else '?'}token={token}"
     target = f"dataset '{dataset}'" + (f", saved view '{view}'" if view else "") if dataset else "its datasets"
     print(f"FiftyOne App ({target}) for {getpass.getuser()} only, on 127.0.0.1:{port} of {socket.gethostname()}; "

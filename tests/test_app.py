@@ -153,7 +153,10 @@ def test_the_printed_url_opens_the_saved_view_for_its_owner(app):
     browser = requests.Session()
     first = browser.get(app.url, allow_redirects=False, timeout=30)
     assert first.status_code == 302 and "token" not in first.headers["location"]
-    assert browser.get(app.url, timeout=30).status_code == 200  # the page, with the cookie from now on
+    page = browser.get(app.url, timeout=30)  # the page, with the cookie from now on
+    assert page.status_code == 200
+    # seeded with what the review views show on each patch (truth, prediction, confidence, mistakenness)
+    assert "shownLabelAttributes-" in page.text and "mistakenness" in page.text
     query = {"query": f'{{ savedViews(datasetName: "{DATASET}") {{ name }} estimatedDatasetCount }}'}
     answer = browser.post(app.base() + "/graphql", json=query, timeout=30).json()["data"]
     assert answer == {"savedViews": [{"name": VIEW}], "estimatedDatasetCount": 1}
