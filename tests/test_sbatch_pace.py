@@ -85,3 +85,19 @@ def test_plain_sbatch_scripts_ask_what_pace_asks_and_log_under_logs(pace):
         assert opts["output"].startswith("logs/") and "mkdir -p logs" in script
         assert ("gres" in opts) == (stage.name == "infer")
         assert "partition" not in script.replace("#SBATCH", "")  # no cluster-specific partition promised
+
+
+def test_deployment_profile_renders_its_arrays_within_slurms_limit(tmp_path):
+    """jobs/deployment.yaml (a 2M-ROI deployment): 1,000 download tasks, 8 GPU tasks, the sizes the README's
+    deployment table gives; every array within Slurm's default MaxArraySize."""
+    cfg = load_config(ROOT / "jobs" / "deployment.yaml", [f"run_dir={tmp_path / 'run'}",
+                                                           f"data.train.annotations={SHIPPED}",
+                                                           f"checkpoint.path={tmp_path / 'last-002.ckpt'}"])
+    paths = RunPaths.of(cfg.run_dir)
+    counts = {stage.name: len(stage.tasks(cfg, paths)) for stage in STAGES}
+    assert counts == {"download": 1000, "checkpoint": 1, "infer": 8, "evaluate": 1}
+    download = sbatch_options(render_sbatch(cfg.download.resources, "dl.x", paths.logs("download"), 1000))
+    assert download["array"] == "0-999%16" and download["mem"] == "1024M"
+    readme = (ROOT / "README.md").read_text().split("## A deployment of 2,000,000 ROIs", 1)[1]
+    assert "1,000 tasks (400 images each), 16 at once | 2 CPUs, 1 GB, 1 h" in readme
+    assert "8 GPU tasks (`infer.shards`) | 1 GPU, 8 CPUs, 48 GB, 2 h each" in readme
