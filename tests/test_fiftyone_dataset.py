@@ -274,10 +274,12 @@ def test_raw_and_public_writes_give_identical_datasets(fiftyone_db, inputs, monk
     assert a == b, first_diff(a, b)
 
 
-def test_raw_and_public_ingest_store_the_same_samples(fiftyone_db, inputs):
+def test_raw_and_public_ingest_store_the_same_samples(fiftyone_db, inputs, monkeypatch):
     """The raw ingest is allowed only because it stores what `add_samples` stores: the same documents (ids,
-    `_rand` and timestamps aside), the same schema, and a dataset FiftyOne reads back as samples."""
+    `_rand` and timestamps aside), the same schema, and a dataset FiftyOne reads back as samples; in batches."""
     from fathompipe.evaluation import fiftyone_io
+
+    monkeypatch.setattr(fiftyone_io, "BATCH", 13)
 
     for split in ("train", "test"):
         coco = load_coco(inputs[split])

@@ -127,6 +127,20 @@ def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_r
     assert "coverage" in page and f"{len(lost)} image missing" in page and "scores 12" in page
 
 
+def test_scores_in_small_chunks_equal_the_whole(parity_run, monkeypatch):
+    """The logits are read and scored in chunks (predictions.CHUNK rows): any chunking gives the same table and
+    metrics as one chunk."""
+    from fathompipe import predictions as predictions_module
+
+    labelled, out, _, _ = parity_run
+    whole = score(load_coco(labelled), read_predictions(out.with_suffix(".parquet")))
+    monkeypatch.setattr(predictions_module, "CHUNK", 4)
+    chunked = score(load_coco(labelled), read_predictions(out.with_suffix(".parquet")))
+    pd.testing.assert_frame_equal(whole.table, chunked.table)
+    assert json.dumps(whole.metrics, sort_keys=True) == json.dumps(chunked.metrics, sort_keys=True)
+    assert "expected_distance_rule" in whole.metrics and whole.metrics["mistakenness_from"] == "logits"
+
+
 def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):
     labelled, out, _, _ = parity_run
     preds = read_predictions(out.with_suffix(".parquet"))
