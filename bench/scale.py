@@ -228,10 +228,10 @@ def predictions(work: Path, n: int) -> Path:
 
 
 def map_quality(work: Path, n: int, exact: bool) -> Optional[Dict[str, float]]:
-    """The embeddings map alone (fiftyone_review.map_2d) on the split's embeddings, read memory-mapped as the stage
-    reads them: today's exact pipeline (every ROI in the exact 15-NN graph) or the stage's (fitted on a sample beyond
-    UMAP_SAMPLE), and how many of each ROI's 15 nearest neighbours in the map share its true label. The exact
-    pipeline is not run at 2M (its neighbour search grows as N^1.9: about 1.5 hours here)."""
+    """The embeddings map alone (fiftyone_review.map_2d) on the split's embeddings, read as the stage reads them:
+    main's exact pipeline (every ROI in the exact 15-NN graph, umap-learn's 200 epochs) or the stage's (fitted on a
+    sample beyond UMAP_SAMPLE, UMAP_EPOCHS), and how many of each ROI's 15 nearest neighbours in the map share its
+    true label. The exact pipeline is not run at 2M (its neighbour search grows as N^1.9: about 1.5 hours here)."""
     if exact and n > 200_000:
         return None
     parquet = predictions(work, n)
@@ -246,7 +246,7 @@ def map_quality(work: Path, n: int, exact: bool) -> Optional[Dict[str, float]]:
         order = np.argsort(coco.annotations.id)
         labels = coco.annotations.category_id[order][np.searchsorted(coco.annotations.id[order], ids)]
         """, f"""
-        points, method = map_2d(vectors, sample={n + 1 if exact else None})
+        points, method = map_2d(vectors, sample={n + 1 if exact else None}, epochs={200 if exact else None})
         extra = {{"agreement": neighbour_agreement(points, labels), "method": method}}
         """)
 
@@ -323,9 +323,9 @@ STEPS = {
                   lambda w, n: download(w, n, by_hand=True))],
     "merge": [("infer merge, embeddings included", merge)],
     "status": [("status, a queued run of 2 x 1,000 download shards", status)],
-    "map": [("embeddings map, the exact pipeline of main (15-NN graph of every ROI)",
+    "map": [("embeddings map, the exact pipeline of main (15-NN graph of every ROI, 200 epochs)",
              lambda w, n: map_quality(w, n, True)),
-            ("embeddings map, the stage's (fitted on 50,000 ROIs beyond that, the rest placed)",
+            ("embeddings map, the stage's (100 epochs; fitted on 150,000 ROIs beyond that, the rest placed)",
              lambda w, n: map_quality(w, n, False))],
     "evaluate": [],  # one row per part of the stage: `evaluate`
 }
