@@ -103,32 +103,13 @@ def serve_images(work: Path, n: int, shards: range) -> Dict[str, str]:
 
 
 def parts(work: Path, n: int) -> Path:
-    """The infer stage's part files for every ROI of the file, as run_shard writes them (batches of 64, in image
-    order), with the shard's completion marker. Model-like: the predicted class is the truth 70% of the time, by a
-    margin from hesitant to confident, and the 1,024-float embedding lies near its predicted class's centre, so the
-    embeddings map has neighbourhoods to keep."""
-    from fathompipe import atomic
+    """The infer stage's part files for every ROI of the split (support/synthetic.py's model-like parts)."""
     from fathompipe.annotations import load_coco
     from fathompipe.layout import OutputFiles
+    from support.synthetic import model_like_parts
     out = OutputFiles(work / f"infer-{n}" / "predictions.csv")
-    if out.shard_marker(0, 1).exists():
-        return out.csv
-    coco = load_coco(table(work, n))
-    order = np.lexsort((coco.annotations.id, coco.annotations.image_id))
-    rng = np.random.default_rng(0)
-    centres = rng.normal(0, 1, (79, 1024)).astype(np.float32)
-    out.parts.mkdir(parents=True, exist_ok=True)
-    for index, start in enumerate(range(0, len(order), 64)):
-        rows = order[start:start + 64]
-        k = len(rows)
-        truth = coco.annotations.category_id[rows] - 1
-        target = np.where(rng.random(k) < 0.7, truth, rng.integers(0, 79, k))
-        logits = rng.normal(0, 1, (k, 79)).astype(np.float32)
-        logits[np.arange(k), target] += rng.uniform(1, 8, k).astype(np.float32)
-        embeddings = centres[target] + rng.normal(0, 1.5, (k, 1024)).astype(np.float32)
-        np.savez(out.part(0, index), annotation_id=coco.annotations.id[rows], image_id=coco.annotations.image_id[rows],
-                 logits=logits, note=np.asarray([""] * k), skipped=np.asarray([], dtype=str), embeddings=embeddings)
-    atomic.write_json(out.shard_marker(0, 1), {"rois": len(order), "skipped": 0})
+    if not out.shard_marker(0, 1).exists():
+        model_like_parts(load_coco(table(work, n)), out)
     return out.csv
 
 

@@ -154,3 +154,28 @@ def model_like_logits(coco_json: str | Path, seed: int = 0, right: float = 0.85)
     logits = rng.normal(0, 1, (n, len(names))).astype(np.float32)
     logits[np.arange(n), target] += rng.uniform(1, 12, n).astype(np.float32)
     return np.array([a["id"] for a in data["annotations"]]), logits
+
+
+def model_like_parts(coco, out, seed: int = 0) -> None:
+    """The infer stage's part files for every ROI of `coco` into `out` (an OutputFiles), as run_shard writes them
+    (batches of 64, in image order), with the shard's completion marker. Model-like: the predicted class is the
+    truth 70% of the time, by a margin from hesitant to confident, and the 1,024-float embedding lies near its
+    predicted class's centre, so the embeddings map has neighbourhoods to keep."""
+    from fathompipe import atomic
+
+    order = np.lexsort((coco.annotations.id, coco.annotations.image_id))
+    rng = np.random.default_rng(seed)
+    classes = len(coco.categories)
+    centres = rng.normal(0, 1, (classes, 1024)).astype(np.float32)
+    out.parts.mkdir(parents=True, exist_ok=True)
+    for index, start in enumerate(range(0, len(order), 64)):
+        rows = order[start:start + 64]
+        k = len(rows)
+        truth = coco.annotations.category_id[rows] - 1
+        target = np.where(rng.random(k) < 0.7, truth, rng.integers(0, classes, k))
+        logits = rng.normal(0, 1, (k, classes)).astype(np.float32)
+        logits[np.arange(k), target] += rng.uniform(1, 8, k).astype(np.float32)
+        embeddings = centres[target] + rng.normal(0, 1.5, (k, 1024)).astype(np.float32)
+        np.savez(out.part(0, index), annotation_id=coco.annotations.id[rows], image_id=coco.annotations.image_id[rows],
+                 logits=logits, note=np.asarray([""] * k), skipped=np.asarray([], dtype=str), embeddings=embeddings)
+    atomic.write_json(out.shard_marker(0, 1), {"rois": len(order), "skipped": 0})
