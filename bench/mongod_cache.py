@@ -4,7 +4,7 @@ one, index the fields the review views use.
 
     python bench/mongod_cache.py [--samples 400000] [--caches none,0.25,1]
 
-Each variant is a fresh mongod (fathompipe.evaluation.mongod.ManagedMongod: the socket, the data
+Each variant is a fresh mongod (fathompipe.evaluation.private_database.ManagedMongod: the socket, the data
 directory, the options the evaluate job uses; `none` leaves mongod's default cache, half the machine's
 memory less 1 GB) on a temporary directory; the documents are the stage's (fiftyone_io's sample
 documents, 2.64 ground-truth boxes a sample as in the train split, predictions with top-5 names and
@@ -59,7 +59,7 @@ def peak_mb(pid: int) -> float:
 def variant(n: int, cache_gb: Optional[float]) -> List[str]:
     from pymongo import MongoClient, UpdateOne
 
-    from fathompipe.evaluation.mongod import ManagedMongod
+    from fathompipe.evaluation.private_database import ManagedMongod
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fathompipe-bench-mongod-") as tmp:

@@ -8,7 +8,7 @@ FiftyOne's App server runs inside this process behind a token gate (as Jupyter d
 prints; a browser's first visit trades it for a cookie. Anything else gets 403, whoever finds the port.
 The token is made here and only printed: never in a command line, a file or a log of fathompipe.
 
-The database is fathompipe's private mongod (Unix socket, this user only: evaluation/mongod.py), joined if
+The database is fathompipe's private mongod (Unix socket, this user only: evaluation/private_database.py), joined if
 running, unless FIFTYONE_DATABASE_URI (environment or .env) names another MongoDB. The App keeps running
 whatever browsers do (closing the tab, a dropped ssh tunnel) until Ctrl-C, SIGTERM or SIGHUP; it then stops
 the App server and, if no other fathompipe process of this user still uses it, mongod.
@@ -29,7 +29,7 @@ from http.cookies import SimpleCookie
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, quote, urlencode
 
-from fathompipe.evaluation import fiftyone_env, mongod
+from fathompipe.evaluation import fiftyone_env, private_database
 
 DEFAULT_PORT = 5151
 Scope = Dict[str, object]
@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT}, or a free one if taken)")
     parser.add_argument("--database-dir", help="data directory of fathompipe's private database (default: "
                         "FiftyOne's, ~/.fiftyone/var/lib/mongo); ignored when FIFTYONE_DATABASE_URI is set")
-    parser.add_argument("--cache-gb", type=float, default=mongod.INTERACTIVE_CACHE_GB,
+    parser.add_argument("--cache-gb", type=float, default=private_database.INTERACTIVE_CACHE_GB,
                         help="WiredTiger cache of that database when this command starts it (default %(default)s)")
     parser.add_argument("--env-file", help=".env with FIFTYONE_* variables (default: .env here or above)")
     args = parser.parse_args(argv)
@@ -234,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         pass
-    # the database is released at exit (mongod.release_all), after fiftyone's own exit handler has used it
+    # the database is released at exit (private_database.release_all), after fiftyone's own exit handler has used it
     print("FiftyOne App stopped.", flush=True)
     return 0
 

@@ -4,7 +4,7 @@
 
 Starts (or joins) the mongod that the App command and the evaluate stage use: FiftyOne's bundled mongod on
 FiftyOne's data directory, listening only on a Unix socket that no other user can open
-(fathompipe/evaluation/mongod.py). It prints the `export` line that points a FiftyOne session at it and
+(fathompipe/evaluation/private_database.py). It prints the `export` line that points a FiftyOne session at it and
 keeps the database up until Ctrl-C (it stays up longer while an App or a job of yours on this node uses it).
 In a script or notebook, instead, before `import fiftyone`:
 
@@ -19,10 +19,10 @@ import signal
 import sys
 from typing import List, Optional
 
-from fathompipe.evaluation import fiftyone_env, mongod
+from fathompipe.evaluation import fiftyone_env, private_database
 
 
-def use(database_dir: Optional[str] = None, cache_gb: float = mongod.INTERACTIVE_CACHE_GB) -> str:
+def use(database_dir: Optional[str] = None, cache_gb: float = private_database.INTERACTIVE_CACHE_GB) -> str:
     """Point this process's FiftyOne at fathompipe's private database (started if needed, left at exit),
     or at FIFTYONE_DATABASE_URI when that is set; call it before `import fiftyone`. Returns where, for humans."""
     if "fiftyone" in sys.modules:
@@ -34,7 +34,7 @@ def use(database_dir: Optional[str] = None, cache_gb: float = mongod.INTERACTIVE
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fathompipe.database", description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-dir", help="data directory (default: FiftyOne's, ~/.fiftyone/var/lib/mongo)")
-    parser.add_argument("--cache-gb", type=float, default=mongod.INTERACTIVE_CACHE_GB,
+    parser.add_argument("--cache-gb", type=float, default=private_database.INTERACTIVE_CACHE_GB,
                         help="WiredTiger cache when this command starts mongod (default %(default)s)")
     args = parser.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):

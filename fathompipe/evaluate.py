@@ -71,8 +71,8 @@ def connect(options: EvaluateConfig) -> str:
     """Choose FiftyOne's database for this process (before fiftyone is imported); returns where, for logs. The
     private database, when used, is started here (or joined) with a cache sized from the job's memory, and left
     when the process exits (the last user stops mongod)."""
-    from fathompipe.evaluation import fiftyone_env, mongod
-    cache_gb = options.database_cache_gb or mongod.cache_gb_for(options.resources.mem_gb)
+    from fathompipe.evaluation import fiftyone_env, private_database
+    cache_gb = options.database_cache_gb or private_database.cache_gb_for(options.resources.mem_gb)
     return fiftyone_env.describe(fiftyone_env.configure(options.database_uri, options.deployment, options.env_file,
                                                         options.database_dir, cache_gb))
 

@@ -3,7 +3,7 @@
 FiftyOne's own service is shared by every process on a machine (a second process silently attaches
 to the first one's database), so tests start their own mongod on a temporary directory and free
 port and point FIFTYONE_DATABASE_URI at it before fiftyone is imported. (What users get is
-fathompipe.evaluation.mongod: the same binary on a socket only they can open.)
+fathompipe.evaluation.private_database: the same binary on a socket only they can open.)
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from fathompipe.evaluation.mongod import mongod_binary
+from fathompipe.evaluation.private_database import mongod_binary
 
 
 class PrivateMongod:

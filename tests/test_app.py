@@ -29,7 +29,7 @@ import requests
 from conftest import ROOT
 from fathompipe.app import TokenGate
 from fathompipe.evaluation import fiftyone_io
-from fathompipe.evaluation.mongod import ManagedMongod, state_dir
+from fathompipe.evaluation.private_database import ManagedMongod, state_dir
 from other_user import PROBE, listeners, need_root, other_user
 
 DATASET, VIEW = "app-review", "app-review-disagreements"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict
 
 from conftest import PARITY, ROOT
-from fathompipe.evaluation.mongod import state_dir
+from fathompipe.evaluation.private_database import state_dir
 from support.fakeserver import Faults
 from support.mongod import PrivateMongod
 from pipeline_helpers import all_done, settled, wait_status, write_profile

@@ -2,7 +2,7 @@
 
 FiftyOne reads its connection from the environment at import time: fathompipe's private database
 (default: FiftyOne's bundled mongod on FiftyOne's data directory, started by fathompipe on a Unix socket
-only this user can open; mongod.py), an external MongoDB (`FIFTYONE_DATABASE_URI`, config.json's
+only this user can open; private_database.py), an external MongoDB (`FIFTYONE_DATABASE_URI`, config.json's
 `database_uri`, or `evaluate.database_uri`), or FiftyOne Enterprise through its API (`FIFTYONE_API_URI` +
 `FIFTYONE_API_KEY`, Enterprise SDK only).
 A named deployment, as in the researchers' scripts, maps `<NAME>_FIFTYONE_API_URI`/`_KEY` onto the
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from fathompipe.config import redact
-from fathompipe.evaluation import mongod
+from fathompipe.evaluation import private_database
 
 API_URI, API_KEY = "FIFTYONE_API_URI", "FIFTYONE_API_KEY"
 
@@ -76,7 +76,7 @@ def enterprise_sdk_installed() -> bool:
 
 def configure(database_uri: Optional[str] = None, deployment: Optional[str] = None,
               env_file: Optional[str] = None, database_dir: Optional[str] = None,
-              cache_gb: float = mongod.INTERACTIVE_CACHE_GB) -> Dict[str, str]:
+              cache_gb: float = private_database.INTERACTIVE_CACHE_GB) -> Dict[str, str]:
     """Set FiftyOne's connection variables for this process; returns a description fit for logs. Without an
     external database or an API connection, starts (or joins) the private mongod on `database_dir` (default
     FiftyOne's) with a WiredTiger cache of `cache_gb`, for the rest of the process (`release_database`)."""
@@ -103,12 +103,12 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
                                      "choose one")
     if database_uri:
         os.environ["FIFTYONE_DATABASE_URI"] = database_uri
-    uri = os.environ.get("FIFTYONE_DATABASE_URI") or str(mongod.fiftyone_config().get("database_uri") or "")
-    data_dir = Path(database_dir) if database_dir else mongod.fiftyone_database_dir()
-    managed = mongod.in_use(uri) if uri else None
+    uri = os.environ.get("FIFTYONE_DATABASE_URI") or str(private_database.fiftyone_config().get("database_uri") or "")
+    data_dir = Path(database_dir) if database_dir else private_database.fiftyone_database_dir()
+    managed = private_database.in_use(uri) if uri else None
     if api_connection():
         pass
-    elif uri and managed is None and uri != mongod.private_uri(data_dir):  # that one: exported from `database`
+    elif uri and managed is None and uri != private_database.private_uri(data_dir):  # exported from `database`
         if database_dir:
             raise FiftyOneSetupError(f"evaluate.database_dir={database_dir!r} is set, but so is a MongoDB URI "
                                      f"({redact({'u': uri})['u']}, from FIFTYONE_DATABASE_URI, evaluate.database_uri "
@@ -116,8 +116,8 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
         where["database"] = redact({"u": uri})["u"]
     else:
         try:
-            managed = managed or mongod.use(data_dir, cache_gb)
-        except mongod.MongodError as exc:
+            managed = managed or private_database.use(data_dir, cache_gb)
+        except private_database.MongodError as exc:
             raise FiftyOneSetupError(str(exc)) from None
         os.environ["FIFTYONE_DATABASE_URI"] = managed.uri
         where.update(private_database=str(managed.data_dir), socket=str(managed.socket),
@@ -129,7 +129,7 @@ def configure(database_uri: Optional[str] = None, deployment: Optional[str] = No
 
 def release_database() -> None:
     """Leave the private database (the last of this user's processes using it stops mongod); also at exit."""
-    mongod.release_all()
+    private_database.release_all()
 
 
 def describe(where: Dict[str, str]) -> str:
