@@ -41,11 +41,6 @@ class RowFile:
                 os.pwrite(self.fh.fileno(), rows[run[0]:run[-1] + 1].tobytes(),
                           self.offset + int(positions[run[0]]) * self.row_bytes)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1, read (not mapped)."""
-        data = os.pread(self.fh.fileno(), (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
-        return np.frombuffer(data, self.dtype).reshape(stop - start, self.cols)
-
     def close(self) -> None:
         self.fh.close()
 
