@@ -10,7 +10,8 @@ VmHWM (the kernel's peak resident set, counted from exec), imports included.
   preflight  what submit does before queueing: parse and validate the annotation file, cut the run's table
   download   one download task, shard 0 of 1,000 (one download process), its images served on loopback;
              "by hand" is the same task given the whole COCO file instead of the run's table
-  merge      the infer stage's merge of every part file (batches of 64 ROIs, 1,024-float embeddings)
+  merge      the infer stage's merge of every part file (batches of 64 ROIs, 1,024-float embeddings), read from
+             disk (the page cache dropped first, where run as root); its CPU time beside its wall time
   status     `python -m fathompipe.status` on a queued run of 2 x 1,000 download shards (real Slurm)
   map        the embeddings map alone, today's exact pipeline beside the stage's, and the fraction of each ROI's
              15 nearest neighbours in the map that share its true label
@@ -44,16 +45,16 @@ SHARDS = 1000
 PORT = 18765  # the loopback image server; fixed, since the cached annotation files name it in every URL
 BASE_URL = f"http://127.0.0.1:{PORT}/images/"
 
-# run in a fresh interpreter: SETUP (imports, inputs), then STEP timed; prints {"seconds", "peak", ...}
+# run in a fresh interpreter: SETUP (imports, inputs), then STEP timed; prints {"seconds", "cpu", "peak", ...}
 CHILD = """
 import json, re, sys, time
 sys.path.insert(0, {root!r})
 {setup}
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 {step}
-seconds = time.perf_counter() - t0
+seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-print(json.dumps({{"seconds": seconds, "peak": peak, **globals().get("extra", {{}})}}))
+print(json.dumps({{"seconds": seconds, "cpu": cpu, "peak": peak, **globals().get("extra", {{}})}}))
 """
 
 
@@ -151,8 +152,20 @@ def download(work: Path, n: int, by_hand: bool = False) -> Dict[str, float]:
     return result
 
 
+def cold_cache() -> bool:
+    """Drop the page cache (root only): the merge then reads its parts from disk at every size, as a GPU job's
+    merge does on a cluster's file system; warm, 200k ROIs of parts sit in memory and 2M do not."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        return False
+    return True
+
+
 def merge(work: Path, n: int) -> Dict[str, float]:
     csv = parts(work, n)
+    cold_cache()
     result = child(f"""
         from pathlib import Path
         from fathompipe.annotations import load_coco
@@ -239,7 +252,7 @@ def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
 
     import psutil
 
-    from fathompipe.evaluation.mongod import cache_gb_for
+    from fathompipe.evaluation.private_database import cache_gb_for
     from support.mongod import PrivateMongod
 
     parquet = predictions(work, n)
@@ -301,7 +314,7 @@ STEPS = {
     "download": [("download task, shard 0 of 1,000, from the run's table", download),
                  ("download task by hand, shard 0 of 1,000, from the whole COCO file",
                   lambda w, n: download(w, n, by_hand=True))],
-    "merge": [("infer merge, embeddings included", merge)],
+    "merge": [("infer merge, embeddings included (page cache dropped first, as root)", merge)],
     "status": [("status, a queued run of 2 x 1,000 download shards", status)],
     "map": [("embeddings map, the exact pipeline of main (15-NN graph of every ROI, 200 epochs)",
              lambda w, n: map_quality(w, n, True)),
@@ -311,12 +324,17 @@ STEPS = {
 }
 
 
+# steps bound by the disk at 2M (17 GB read and written), whose CPU time is printed beside the wall time
+WITH_CPU = ("infer merge, embeddings included (page cache dropped first, as root)",)
+
+
 def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes: List[int]) -> None:
     print("\n## bench/scale.py: time and peak memory per step\n")
     print("| step | " + " | ".join(f"{n:,} ROIs" for n in sizes) + " | k (200k -> 2M) |")
     print("|---|" + "---|" * len(sizes) + "---|")
     for name, by_size in rows:
-        cells = [(f"{r['seconds']:.2f} s, {r['peak'] / 2**30:.2f} GiB"
+        cells = [(f"{r['seconds']:.2f} s" + (f" (CPU {r['cpu']:.2f} s)" if "cpu" in r and name in WITH_CPU else "")
+                  + f", {r['peak'] / 2**30:.2f} GiB"
                   + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")
                   + (f" ({r['n']:,} patches)" if "n" in r else "")
                   + (f"; label agreement of the 15 nearest {r['agreement']:.3f}" if "agreement" in r else "")) if r
@@ -324,6 +342,8 @@ def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes:
                  for r in (by_size.get(n) for n in sizes)]
         a, b = by_size.get(200_000), by_size.get(2_000_000)
         k = f"{math.log(b['seconds'] / a['seconds']) / math.log(10):.2f}" if a and b else ""
+        if a and b and name in WITH_CPU:
+            k += f" (CPU {math.log(b['cpu'] / a['cpu']) / math.log(10):.2f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {k} |")
 
 
