@@ -38,8 +38,11 @@ class RowFile:
         breaks = np.flatnonzero(np.diff(positions) != 1) + 1
         for run in np.split(np.arange(len(positions)), breaks):
             if len(run):
-                os.pwrite(self.fh.fileno(), rows[run[0]:run[-1] + 1].tobytes(),
-                          self.offset + int(positions[run[0]]) * self.row_bytes)
+                data = memoryview(rows[run[0]:run[-1] + 1]).cast("B")
+                at = self.offset + int(positions[run[0]]) * self.row_bytes
+                while data:  # one pwrite writes at most about 2 GiB, and less on some file systems
+                    written = os.pwrite(self.fh.fileno(), data, at)
+                    data, at = data[written:], at + written
 
     def close(self) -> None:
         self.fh.close()
@@ -73,10 +76,20 @@ class Rows:
             at = 0
             for run in np.split(rows, breaks):
                 if len(run):
-                    data = os.pread(fh.fileno(), len(run) * self.row_bytes, self.offset + int(run[0]) * self.row_bytes)
-                    out[at:at + len(run)] = np.frombuffer(data, self.dtype).reshape(len(run), self.shape[1])
+                    self._read_into(fh.fileno(), out[at:at + len(run)], int(run[0]))
                     at += len(run)
         return out
+
+    def _read_into(self, fd: int, out: np.ndarray, first_row: int) -> None:
+        """out's rows from the file's row first_row on, read straight into out (one preadv reads at most about
+        2 GiB: loop); a file that ends early is one error naming it."""
+        into, at = memoryview(out).cast("B"), self.offset + first_row * self.row_bytes
+        while into:
+            got = os.preadv(fd, [into], at)
+            if got == 0:
+                raise ValueError(f"{self.path}: ends at byte {at}, before row {first_row + len(out) - 1} of the "
+                                 f"{self.shape} array its header declares (a truncated copy?)")
+            into, at = into[got:], at + got
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
         whole = self[slice(None)]
