@@ -21,10 +21,11 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -293,12 +294,17 @@ def run_shard(job: InferJob, model_files: SlimFiles, dataset: Coco, out: OutputF
     with ThreadPoolExecutor(max_workers=1) as saver, \
             tqdm(total=todo_rois, unit="ROI", desc=f"infer shard {shard}", disable=not progress, dynamic_ncols=True,
                  mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
-        pending = []
+        pending: Deque[Future] = deque()
         for batch in loader:
             logits, embeddings = predictor.predict(batch) if batch["annotation_id"] else (
                 torch.empty((0, len(spec.class_names))), torch.empty((0, spec.hidden_size)))
-            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), batch, logits,
+            # the saver gets the batch's ids and notes, not its pixels; at most two saves wait (a slow disk
+            # holds the loop back instead of filling memory)
+            fields = {k: batch[k] for k in ("annotation_id", "image_id", "note", "skipped")}
+            pending.append(saver.submit(_save_part, out.part(shard, todo[batch["index"]]), fields, logits,
                                         embeddings if o.embeddings else None))
+            while len(pending) > 2:
+                pending.popleft().result()
             counts["rois"] += len(batch["annotation_id"])
             counts["skipped"] += len(batch["skipped"])
             bar.update(len(batch["annotation_id"]) + len(batch["skipped"]))

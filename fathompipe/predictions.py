@@ -1,16 +1,16 @@
 """The inference stage's outputs, merged from its part files in bounded memory.
 
 Once every shard is done, the part files (one per batch) become, each written once and atomically:
-OUT.embeddings.npy, OUT.skipped.csv, OUT.parquet (annotation id ascending: image id, split, name,
+OUT.skipped.csv, OUT.embeddings.npy, OUT.parquet (annotation id ascending: image id, split, name,
 confidence, top-5, the 79 logits, the label where known, a note) and, last (the stage's completion test),
 OUT.csv in the competition's format. A deployment has 2,000,000 ROIs (their embeddings alone are 8.2 GB),
-so nothing per-ROI and wide is held at once:
+so the embeddings are never held in memory:
   1. the annotation ids of every part give the output order;
   2. every part is read once: its embeddings go to OUT.embeddings.npy at their rows with positional writes
      (nothing mapped), its logits, image ids and notes to arrays in memory at their rows;
   3. CHUNK ROIs at a time, softmax, top-5 and labels become one parquet row group and the CSV's lines.
 Peak memory: about 360 bytes a ROI (the 79 logits, ids, image ids, notes: 0.7 GB at 2M) plus one chunk; the
-embeddings, 4 KB a ROI, never. Free of torch.
+embeddings, 4 KB a ROI, never. Outputs newer than every shard's marker are not merged again. Free of torch.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all(out.shard_marker(s, num_shards).exists() for s in range(num_shards)):
             return None
+        done = _merged_already(out, num_shards, embeddings)
+        if done is not None:
+            return done
         parts = out.all_parts()
         ids, counts, width = _part_ids(parts)
         order = np.argsort(ids, kind="stable")
@@ -54,8 +57,6 @@ def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: 
         position = np.empty(len(ids), np.int64)
         position[order] = np.arange(len(ids))  # row in part order -> row in the outputs
         width = width if embeddings else None
-        for stale in ([] if width else [out.embeddings]) + [out.legacy_embeddings]:
-            stale.unlink(missing_ok=True)
         with ExitStack() as stack:
             csv = stack.enter_context(atomic.atomic_path(out.csv))  # renamed last: entered first
             parquet = stack.enter_context(atomic.atomic_path(out.parquet))
@@ -68,7 +69,25 @@ def merge(coco: Coco, out: OutputFiles, class_names: Sequence[str], num_shards: 
             atomic.write_text(out.skipped, "annotation_id,image_id,reason\n" +
                               "".join(f"{a},{i},{_csv_field(r)}\n" for a, i, r in skipped))
             _write_tables(parquet, csv, coco, ann_id, image_ids, notes, logits, class_names, split)
+        for stale in ([] if width else [out.embeddings]) + [out.legacy_embeddings]:  # once the new outputs exist
+            stale.unlink(missing_ok=True)
         return {"predicted": len(ids), "skipped": len(skipped), "embedded": len(ids) if width else 0}
+
+
+def _merged_already(out: OutputFiles, num_shards: int, embeddings: bool) -> Optional[Dict[str, int]]:
+    """The counts of outputs merged after the last shard finished (a rerun of a finished stage, or a second shard
+    that finished while the first merged), or None when a merge is due."""
+    try:
+        merged_at = out.csv.stat().st_mtime_ns
+        last_shard = max(out.shard_marker(s, num_shards).stat().st_mtime_ns for s in range(num_shards))
+        predicted = pq.read_metadata(out.parquet).num_rows
+        with open(out.skipped) as fh:
+            skipped = sum(1 for _ in fh) - 1
+    except FileNotFoundError:
+        return None
+    if merged_at < last_shard or out.embeddings.exists() != embeddings:
+        return None
+    return {"predicted": predicted, "skipped": skipped, "embedded": predicted if embeddings else 0}
 
 
 def _part_ids(parts: List[Path]) -> Tuple[np.ndarray, List[int], Optional[int]]:

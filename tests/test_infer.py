@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,22 @@ def test_no_embeddings_after_a_run_with_them_writes_none(parity_copy, tmp_path):
     assert not OutputFiles(out).embeddings.exists() and out.read_text() == EXPECTED_CSV
     with pytest.raises(PartOptionsMismatch, match="infer.embeddings=false, and this run asks for true"):
         infer(parity_copy, out, batch_size=7)
+
+
+def test_a_finished_stage_is_not_merged_again_until_a_shard_is_redone(parity_copy, tmp_path):
+    """A rerun of a finished shard (or a second shard ending while the first merges) leaves the outputs as they are;
+    a shard done again afterwards (its marker newer than OUT.csv) merges anew."""
+    out = tmp_path / "pred.csv"
+    files = OutputFiles(out)
+    first = infer(parity_copy, out, batch_size=7)
+    stamps = {p: p.stat().st_mtime_ns for p in (out, files.parquet, files.embeddings, files.skipped)}
+    assert infer(parity_copy, out, batch_size=7) == first
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    marker = files.shard_marker(0, 1)
+    later = stamps[out] + 10**9
+    os.utime(marker, ns=(later, later))
+    assert infer(parity_copy, out, batch_size=7) == first
+    assert out.stat().st_mtime_ns > stamps[out] and out.read_text() == EXPECTED_CSV
 
 
 def test_missing_and_unreadable_images_are_skipped_and_listed(parity_copy, tmp_path):
