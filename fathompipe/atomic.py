@@ -50,20 +50,27 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it is renamed to `path` in one step. An existing
-    `path` is kept (another process published the same content first) unless `replace`, when it is swapped out."""
+    """Yield a temporary directory beside `path`; on success its files are fsynced and it is renamed to `path` in one
+    step. An existing `path` is kept (another process published the same content first) unless `replace`, when it
+    is swapped out (and back, should the swap fail)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = staging.with_name(staging.name + ".old")
     try:
         yield staging
+        for file in staging.iterdir():
+            with open(file, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide shared cluster data from the group
         if replace and path.exists():
             os.rename(path, old)
         try:
             os.rename(staging, path)
         except OSError:
+            if old.exists():  # the swap failed: the old one back
+                os.rename(old, path)
+                raise
             if not path.is_dir():
                 raise
     finally:

@@ -114,6 +114,11 @@ def _local_outcome(cfg: PipelineConfig, paths: RunPaths) -> int:
     return 0
 
 
+def _refused(errors: List[str]) -> int:
+    print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
+    return 1
+
+
 def main(argv: List[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     words = sys.argv[1:] if argv is None else list(argv)
@@ -127,20 +132,19 @@ def main(argv: List[str] | None = None) -> int:
     paths, origin = RunPaths.of(cfg.run_dir), origins(args.profile, overrides)
     if args.dry_run:
         _dry_run(cfg, paths)
-    # the annotation tables are cut here (not in a dry run); a resume's scripts are checked in _open_run, for the
-    # tasks it will submit
-    errors = preflight(cfg, paths, origin, {} if paths.run_json.exists() and not args.dry_run else None,
-                       write_tables=not args.dry_run)
-    if errors:
-        print("error: nothing was submitted:\n  " + "\n  ".join(errors), file=sys.stderr)
-        return 1
-    if args.dry_run:
+        errors = preflight(cfg, paths, origin, None, write_tables=False)
+        if errors:
+            return _refused(errors)
         print("# pre-flight passed: annotations valid, directories writable"
               + (", every script accepted by sbatch --test-only" if cfg.cluster == "slurm" else ""))
         return 0
     retry = ["submit", *[w for w in words if w != "--rebuild-state"]]
     try:
-        with run_lock(paths):
+        with run_lock(paths):  # a second submit into this run waits outside: the tables are cut under the lock
+            # a resume's scripts are checked in _open_run, for the tasks it will submit
+            errors = preflight(cfg, paths, origin, {} if paths.run_json.exists() else None, write_tables=True)
+            if errors:
+                return _refused(errors)
             state, reason = _open_run(cfg, paths, origin, args.rebuild_state)
             state.log(reason)
             submit_stages(cfg, paths, state, Request(ALL, reason, retry, origin), print)
