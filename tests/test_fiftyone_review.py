@@ -144,6 +144,24 @@ def test_review_views_of_a_large_split_hold_their_first_rois(fiftyone_db, inputs
             "model_predictions.detections.confidence"} <= set(ds.list_indexes())
 
 
+def test_review_views_of_csv_predictions_above_the_limit_are_not_empty(fiftyone_db, inputs, tmp_path, monkeypatch):
+    """Predictions in the competition's CSV carry no confidence, so the views have no score to cut at: above
+    REVIEW_LIMIT each still holds the ROIs of the samples chosen, never nothing."""
+    from fathompipe.evaluation import fiftyone_review
+
+    csv = tmp_path / "predictions.csv"
+    pd.read_parquet(inputs["predictions"], columns=["annotation_id", "concept_name"]).to_csv(csv, index=False)
+    ds = ingest_like_researchers("review-csv", {"train": inputs["train"]})
+    monkeypatch.setattr(fiftyone_review, "REVIEW_LIMIT", 40)
+    run(EvaluateSplit(str(inputs["train"]), str(csv), str(tmp_path / "r"), "train", "/unused"),
+        EvaluateConfig(dataset=ds.name))
+    rois = pd.read_csv(tmp_path / "r" / "rois.csv")
+    assert rois["confidence"].isna().all()
+    wrong = int((rois["truth"] != rois["prediction"]).sum())
+    assert 40 <= len(ds.load_saved_view("eval_model_train-disagreements")) <= wrong
+    assert 40 <= len(ds.load_saved_view("eval_model_train-mistakenness")) < len(rois)
+
+
 def test_review_views_mistakenness_and_tags_that_survive_a_rerun(fiftyone_db, inputs, tmp_path):
     import fiftyone.brain as fob
     from fiftyone import ViewField as F

@@ -71,7 +71,8 @@ def review_patches(view, field: str, eval_key: str, disagreements_only: bool, ru
         wanted = has_prediction & F("rule_label").exists() & (F("rule_label") != F("predicted_label"))
     if top is not None:
         view = view.select(top.sample_ids)
-        wanted = wanted & (F(top.attribute) >= top.threshold if top.largest else F(top.attribute) <= top.threshold)
+        if top.threshold is not None:
+            wanted = wanted & (F(top.attribute) >= top.threshold if top.largest else F(top.attribute) <= top.threshold)
     patches = view.filter_labels("ground_truth", wanted).to_patches("ground_truth", other_fields=[field])
     # "$ground_truth" is the patch's own ground-truth detection: keep only the prediction matched to it
     return patches.filter_labels(field, F("_id").to_string() == F(f"$ground_truth.{eval_key}_id"), only_matches=False)
@@ -84,11 +85,12 @@ INDEXED = ("split", "image_id", "ground_truth.detections.annotation_id", "ground
 
 @dataclass
 class Top:
-    """The first REVIEW_LIMIT ROIs of a review view: their samples, and the sort key's value at the limit."""
+    """The first REVIEW_LIMIT ROIs of a review view: their samples, and the sort key's value at the limit (None where
+    the key is missing there, as confidence is for CSV predictions: the samples alone then bound the view)."""
 
     sample_ids: List[str]
     attribute: str  # on the ground-truth detection
-    threshold: float
+    threshold: Optional[float]
     largest: bool
 
 
@@ -101,11 +103,12 @@ def top_of(view, values: RoiValues, rows: "np.ndarray", score: "np.ndarray", att
     if rows.sum() <= REVIEW_LIMIT:
         return None
     candidates = np.flatnonzero(rows)
-    ranked = candidates[np.argsort(-score[candidates] if largest else score[candidates], kind="stable")]
+    ranked = candidates[np.argsort(-score[candidates] if largest else score[candidates], kind="stable")]  # NaN last
     chosen = ranked[:REVIEW_LIMIT]
     aids = values.annotation_id[chosen].tolist()
     sample_ids = view.mongo([{"$match": {"ground_truth.detections.annotation_id": {"$in": aids}}}]).values("id")
-    return Top(sample_ids, attribute, float(score[chosen[-1]]), largest)
+    at_limit = float(score[chosen[-1]])
+    return Top(sample_ids, attribute, at_limit if np.isfinite(at_limit) else None, largest)
 
 
 def create_indexes(ds, field: str) -> None:
@@ -150,9 +153,9 @@ def brain_key(eval_key: str) -> str:
 
 def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = None) -> Dict[str, object]:
     """A 2-D visualization of the ground-truth patches that have an embedding, under brain run `key`
-    (replaced if present; other brain runs kept). The points come from `map_2d`, which reads the embeddings
-    memory-mapped, and are stored as a Brain run of precomputed points (its method reads `manual`), which the
-    App's Embeddings panel draws like any other."""
+    (replaced if present; other brain runs kept). The points come from `map_2d`, which reads the embeddings in
+    chunks (never all at once), and are stored as a Brain run of precomputed points (its method reads `manual`),
+    which the App's Embeddings panel draws like any other."""
     import fiftyone.brain as fob
     import numpy as np
     from fiftyone import ViewField as F
@@ -180,7 +183,8 @@ def visualize(ds, view, embeddings_path: Path, key: str, seed: Optional[int] = N
 def map_2d(vectors, rows: Optional["np.ndarray"] = None, seed: Optional[int] = None,
            sample: Optional[int] = None, epochs: Optional[int] = None) -> Tuple["np.ndarray", str]:
     """(points (len(rows), 2), method) for `vectors[rows]` (every row by default), in the order of `rows`.
-    `vectors` may be a memory map: rows are read CHUNK at a time, never all at once.
+    `vectors` may be an embeddings.Rows (read from the file on demand): rows are read CHUNK at a time, never all at
+    once.
 
     Up to `sample` (UMAP_SAMPLE) ROIs: UMAP on 50 PCA components, from sklearn's exact 15-nearest-neighbour graph,
     so umap-learn skips pynndescent's index (bench/evaluate.py). Beyond that (a deployment's 2M ROIs, where the
