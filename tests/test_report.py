@@ -127,10 +127,11 @@ def test_headline_scores_the_predicted_rois_beside_the_competition_rule(parity_r
     assert "coverage" in page and f"{len(lost)} image missing" in page and "scores 12" in page
 
 
-def test_scores_in_small_chunks_equal_the_whole(parity_run, monkeypatch):
+def test_scores_in_small_chunks_equal_the_whole(parity_run, monkeypatch, tmp_path):
     """The logits are read and scored in chunks (predictions.CHUNK rows): any chunking gives the same table and
-    metrics as one chunk."""
+    metrics as one chunk; rois.csv written in slices is the same file."""
     from fathompipe import predictions as predictions_module
+    from fathompipe.evaluation import report as report_module
 
     labelled, out, _, _ = parity_run
     whole = score(load_coco(labelled), read_predictions(out.with_suffix(".parquet")))
@@ -139,6 +140,11 @@ def test_scores_in_small_chunks_equal_the_whole(parity_run, monkeypatch):
     pd.testing.assert_frame_equal(whole.table, chunked.table)
     assert json.dumps(whole.metrics, sort_keys=True) == json.dumps(chunked.metrics, sort_keys=True)
     assert "expected_distance_rule" in whole.metrics and whole.metrics["mistakenness_from"] == "logits"
+    coco = load_coco(labelled)
+    one = write_report(whole, coco, tmp_path / "one", "t").parent / "rois.csv"
+    monkeypatch.setattr(report_module, "CSV_ROWS", 7)  # rois.csv in slices of 7 rows: the same file
+    sliced = write_report(whole, coco, tmp_path / "sliced", "t").parent / "rois.csv"
+    assert sliced.read_text() == one.read_text() and len(one.read_text().splitlines()) == 1 + len(whole.table)
 
 
 def test_mistakenness_comes_from_the_saved_logits(parity_run, tmp_path):

@@ -29,6 +29,7 @@ N_CANDIDATES = 50  # label-error candidates listed (each gets a crop)
 N_NOT_PREDICTED = 20
 CROP_PX = 128  # side of a crop in the page
 CROP_CONTEXT_PX = 96  # smallest window cut around a ROI
+CSV_ROWS = 100_000  # rois.csv is written this many rows at a time
 CELL = 12  # px per confusion-matrix cell: 79 classes make a 948 px square, labels at 11 px
 LABEL_W = 185
 # count bins (lower bounds) for the colour scale: integers, roughly logarithmic
@@ -45,8 +46,11 @@ def write_report(ev: Evaluation, dataset: Coco, out: Path, title: str, images_di
     table = ev.table
     image_rows = dataset.images.rows_of(table["image_id"].to_numpy())
     files = np.asarray(dataset.images.local_names(naming) + [""], dtype=object)
-    with atomic.atomic_path(out / "rois.csv") as tmp:  # 2M ROIs: written in chunks, never one string
-        table.assign(file_name=files[image_rows]).to_csv(tmp, index=False, float_format="%.6g", chunksize=100_000)
+    with atomic.atomic_path(out / "rois.csv") as tmp, open(tmp, "w") as fh:  # 2M ROIs: in slices, never copied whole
+        for start in range(0, max(len(table), 1), CSV_ROWS):
+            rows = slice(start, start + CSV_ROWS)
+            table.iloc[rows].assign(file_name=files[image_rows[rows]]).to_csv(
+                fh, index=False, header=start == 0, float_format="%.6g")
     sections: List[str] = [_headline_html(m)]
     not_predicted = table[table["prediction"].isna()]
     if m["labelled"]:
