@@ -139,6 +139,7 @@ class ManagedMongod:
         self.started = False  # this process started the mongod now running
         self._proc: Optional[subprocess.Popen] = None
         self._user_fd: Optional[int] = None
+        self._owner = 0  # the pid that acquired it: a forked child shares the lock, and must not drop it
 
     @property
     def uri(self) -> str:
@@ -164,15 +165,19 @@ class ManagedMongod:
                 self._start()
             fd = os.open(self.state / "users", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_SH)  # held until release or this process ends
-            self._user_fd = fd
+            self._user_fd, self._owner = fd, os.getpid()
         return self
 
     def release(self) -> None:
         """Leave the database; the last user stops mongod and waits until it has exited."""
         if self._user_fd is None:
             return
+        if os.getpid() != self._owner:  # a forked child leaving: the lock is its parent's (one open file for both)
+            os.close(self._user_fd)
+            self._user_fd = None
+            return
         with self._locked():
-            fcntl.flock(self._user_fd, fcntl.LOCK_UN)  # also for a forked child that shares the descriptor
+            fcntl.flock(self._user_fd, fcntl.LOCK_UN)
             os.close(self._user_fd)
             self._user_fd = None
             probe = os.open(self.state / "users", os.O_RDWR | os.O_CREAT, 0o600)
