@@ -213,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--view", help="open this saved view of the dataset, e.g. eval_model_train-disagreements")
     parser.add_argument("--port", type=int, help=f"loopback port (default {DEFAULT_PORT}, or a free one if taken)")
     parser.add_argument("--database-dir", help="data directory of fathompipe's private database (default: "
-                        "FiftyOne's, ~/.fiftyone/var/lib/mongo); ignored when FIFTYONE_DATABASE_URI is set")
+                        "FiftyOne's, ~/.fiftyone/var/lib/mongo); an error when FIFTYONE_DATABASE_URI names another "
+                        "MongoDB")
     parser.add_argument("--cache-gb", type=float, default=private_database.INTERACTIVE_CACHE_GB,
                         help="WiredTiger cache of that database when this command starts it (default %(default)s)")
     parser.add_argument("--env-file", help=".env with FIFTYONE_* variables (default: .env here or above)")

@@ -40,7 +40,7 @@ def run(split: EvaluateSplit, options: Optional[EvaluateConfig] = None) -> Dict[
     out = Path(split.report_dir)
     parts = Parts(f"evaluate {split.split}")
     with parts.part("load"):
-        dataset = load_coco(split.annotations)  # a run's annotation table: memory-mapped columns
+        dataset = load_coco(split.annotations)  # a run's annotation table: its columns, no JSON parse
         preds = read_predictions(split.predictions)  # compact columns; the logits stay in the parquet
     with parts.part("score"):
         ev = score(dataset, preds)

@@ -29,8 +29,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from fathompipe.evaluation.fiftyone_io import RoiValues, batches
 from fathompipe.evaluation.taxonomy import taxonomic_order
 
-# on ground truth, for review
-REVIEW_ATTRIBUTES = ("predicted_label", "predicted_confidence", "mistakenness", "rule_label")
 CUSTOM_METRIC = "@fathompipe/evaluate/"  # the prefix of the custom metrics' keys (no operator computes them)
 
 

@@ -45,7 +45,7 @@ def split_view(ds, split: str):
     return ds.match(F("split") == split)
 
 
-BATCH = 5_000  # samples read and written at a time (~25,000 ROIs): the stage's memory does not grow with the split
+BATCH = 5_000  # samples read and written at a time (~13,000 ROIs at 2.64 a sample): memory does not grow with N
 
 
 def batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
