@@ -165,6 +165,7 @@ def cold_cache() -> bool:
 
 def merge(work: Path, n: int) -> Dict[str, float]:
     csv = parts(work, n)
+    csv.unlink(missing_ok=True)  # the completion test: without it the merge runs (outputs newer than it are reused)
     cold_cache()
     result = child(f"""
         from pathlib import Path
@@ -285,10 +286,10 @@ def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
             import fiftyone as fo
             ds = fo.load_dataset("scale-{n}")
             """, """
-            extra = {}
+            extra = {"views": {}}
             for name in ds.list_saved_views():
                 t = time.perf_counter()
-                extra[name] = [len(ds.load_saved_view(name)), time.perf_counter() - t]
+                extra["views"][name] = [len(ds.load_saved_view(name)), time.perf_counter() - t]
             """)
     finally:
         stop.set()
@@ -302,10 +303,9 @@ def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
                                      "mongod": max(during, default=0)}
     rows["evaluate: whole stage (process wall time, imports included)"] = {
         "seconds": wall, "peak": max(r["peak"] for r in rows.values()), "mongod": max(s for _, s in samples)}
-    for name, value in views.items():
-        if name not in ("seconds", "peak"):
-            rows[f"open and count the saved view {name.split('-', 1)[1]}"] = {"seconds": value[1],
-                                                                            "peak": views["peak"], "n": value[0]}
+    for name, (count, seconds) in views["views"].items():
+        rows[f"open and count the saved view {name.split('-', 1)[1]}"] = {"seconds": seconds, "peak": views["peak"],
+                                                                        "n": count}
     return rows
 
 
@@ -423,9 +423,12 @@ def main() -> None:
         for section in args.sections.split(","):
             for name, step in STEPS[section]:
                 rows.append((name, {n: step(work, n) for n in sizes}))
-                print(f"done: {name}", file=sys.stderr, flush=True)
+                print(f"done: {name}: {json.dumps(rows[-1][1])}", file=sys.stderr, flush=True)
             if section == "evaluate":
-                by_size = {n: evaluate(work, n) for n in sizes}
+                by_size = {}
+                for n in sizes:
+                    by_size[n] = evaluate(work, n)
+                    print(f"done: evaluate at {n:,}: {json.dumps(by_size[n])}", file=sys.stderr, flush=True)
                 for name in by_size[sizes[-1]]:
                     rows.append((name, {n: by_size[n].get(name) for n in sizes}))
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} CPUs: "
