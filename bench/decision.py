@@ -1,6 +1,7 @@
 """The expected-distance rule at scale: time and peak memory of decision.decide over N ROIs of float32 logits
-held in a memory-mapped file (as the lead's chunked evaluate stage will hand them over), per block size, beside
-the unchunked computation (one float64 softmax and product over all rows) on the same data.
+held in a memory-mapped file (one of the sources decide reads in blocks; the evaluate stage hands it the
+parquet's logits a row group at a time), per block size, beside the unchunked computation (one float64 softmax
+and product over all rows) on the same data.
 
     .venv/bin/python bench/decision.py [--rows 2000000]
 
