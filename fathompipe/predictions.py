@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from fathompipe import atomic
 from fathompipe.annotations import Coco
-from fathompipe.embeddings import RowFile
+from fathompipe.embeddings import RowFile, drop_cache
 from fathompipe.layout import OutputFiles
 
 TOPK = 5
@@ -115,7 +115,7 @@ def _scatter(parts: List[Path], counts: List[int], position: np.ndarray, classes
     at = 0
     for part, count in zip(parts, counts):
         rows = position[at:at + count]
-        with np.load(part) as z:
+        with open(part, "rb") as fh, np.load(fh) as z:
             if count:
                 logits[rows] = z["logits"]
                 if emb is not None:
@@ -123,6 +123,7 @@ def _scatter(parts: List[Path], counts: List[int], position: np.ndarray, classes
                 image_ids[rows] = z["image_id"]
                 notes[rows] = z["note"].tolist()
             skipped += [tuple(json.loads(s)) for s in z["skipped"].tolist()]
+            drop_cache(fh.fileno())  # read once: its pages need not stay cached
         at += count
     return logits, image_ids, notes, skipped
 
