@@ -18,7 +18,8 @@ VmHWM (the kernel's peak resident set, counted from exec), imports included.
   evaluate   `python -m fathompipe.evaluate` with FiftyOne and the embeddings map on a MongoDB of its own, part
              by part (the stage's own record in evaluate.done), mongod's memory beside the stage's; then each
              saved view opened and counted
-The last column is k, the growth exponent of time from 200k to 2M ROIs (time ~ N^k).
+The last column is k, the growth exponent of time from 200k to 2M ROIs (time ~ N^k); for a download task, whose
+shard (one of 1,000 at every size) holds 10x the images at 10x the ROIs, k of its time per image.
 --slurm-check submits a 2M-ROI train split with 1,000 download shards to the real Slurm, lets the first
 four shards run, and prints their MaxRSS from sacct and whether every image arrived intact.
 """
@@ -337,11 +338,15 @@ def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes:
                   + f", {r['peak'] / 2**30:.2f} GiB"
                   + (f" + mongod {r['mongod'] / 2**30:.2f} GiB" if r.get("mongod") else "")
                   + (f" ({r['n']:,} patches)" if "n" in r else "")
+                  + (f" ({r['images']:,} images, {1000 * r['seconds'] / r['images']:.1f} ms each)" if "images" in r
+                     else "")
                   + (f"; label agreement of the 15 nearest {r['agreement']:.3f}" if "agreement" in r else "")) if r
                  else ""
                  for r in (by_size.get(n) for n in sizes)]
         a, b = by_size.get(200_000), by_size.get(2_000_000)
         k = f"{math.log(b['seconds'] / a['seconds']) / math.log(10):.2f}" if a and b else ""
+        if a and b and "images" in a:  # a shard of 1,000 holds 10x the images at 10x the ROIs: k of the time per image
+            k = f"{math.log(b['seconds'] / b['images'] * a['images'] / a['seconds']) / math.log(10):.2f} per image"
         if a and b and name in WITH_CPU:
             k += f" (CPU {math.log(b['cpu'] / a['cpu']) / math.log(10):.2f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {k} |")
