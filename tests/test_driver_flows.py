@@ -387,3 +387,19 @@ def test_a_stage_larger_than_maxarraysize_goes_in_several_arrays(slurm_fake, tmp
     run = Run(tmp_path / "run", slurm_fake)
     assert [s["job_id"] for s in run.state()["stages"]["download"]["submissions"]] == list(downloads)
     assert stages_of(status_of(run, capsys))["download"]["pending"] == SHARDS
+
+
+def test_a_second_submit_into_a_run_being_submitted_touches_nothing(slurm_fake, tmp_path, capsys):
+    """The annotation tables are cut under the run's lock: while another command submits into the run, a second
+    submit is refused before it reads or writes anything there (no table swapped under queued jobs)."""
+    import fcntl
+
+    profile = write_profile(tmp_path)
+    paths = RunPaths.of(tmp_path / "run")
+    paths.root.mkdir(parents=True)
+    with open(paths.lock, "w") as held:  # the other command
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert submit.main(["--profile", str(profile)]) == 1
+    assert "another fathompipe command is submitting into" in capsys.readouterr().err
+    assert not paths.annotation_table("test").exists() and slurm_fake.jobs() == {}
+    assert submit.main(["--profile", str(profile)]) == 0 and paths.annotation_table("test").exists()
