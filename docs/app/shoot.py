@@ -2,6 +2,7 @@
 
     .venv/bin/python docs/app/shoot.py --set demo     # the offline demo (python -m demo): demo-*.png
     .venv/bin/python docs/app/shoot.py --set train    # train-sized synthetic set (23,699 ROIs): train-*.png
+    .venv/bin/python docs/app/shoot.py --set scale [--rois 200000]   # a deployment-like set: scale-*.png
 
 Needs Debian's `chromium` and playwright (the test extra). Starts a private mongod (support/mongod.py), builds the
 set (the demo's own run, or the researchers' dataset schema with model-like logits, no images), runs the evaluate
@@ -10,12 +11,17 @@ confusion matrix), the mistakenness view and the view where the expected-distanc
 truth, prediction, confidence, mistakenness and the rule's label shown on each patch (the browser storage entry of
 fiftyone_review.shown_label_attributes, as the App command seeds it), and report.html's per-class table sorted
 by "rule - argmax". Prints the stage's figures of the expected-distance rule.
+The scale set is a production-like split (support/synthetic.py, no image files: each patch shows the App's
+missing-image mark) with the infer stage's merged outputs, evaluated by `python -m fathompipe.evaluate` as a job runs
+it; it is opened as a researcher opens it, through the token URL `python -m fathompipe.app` prints, on the
+disagreements view (label attributes seeded by the App command, no clicks) and then its Embeddings panel.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,6 +62,63 @@ def build_train(work: Path) -> tuple:
     run(EvaluateSplit(str(coco), str(work / "predictions.parquet"), str(work / "report"), "train", "/unused"),
         EvaluateConfig(dataset="fathomnet-2025"))
     return "fathomnet-2025", work / "report"
+
+
+def build_scale(work: Path, rois: int) -> tuple:
+    from fathompipe.annotations import load_coco
+    from fathompipe.evaluation.taxonomy import load_taxonomy
+    from fathompipe.layout import OutputFiles
+    from fathompipe.predictions import merge
+    from support.synthetic import model_like_parts, production_like_coco
+
+    annotations = production_like_coco(work / "deployment.json", rois)
+    coco = load_coco(annotations)
+    out = OutputFiles(work / "infer" / "predictions.csv")
+    model_like_parts(coco, out)
+    merge(coco, out, list(load_taxonomy()), 1, "train")
+    subprocess.run([sys.executable, "-m", "fathompipe.evaluate", "--annotations", str(annotations), "--predictions",
+                    str(out.parquet), "--report-dir", str(work / "report"), "--split", "train", "--dataset",
+                    "fathomnet-2025", "--database-uri", os.environ["FIFTYONE_DATABASE_URI"]], cwd=ROOT, check=True)
+    return "fathomnet-2025", work / "report"
+
+
+def shoot_app_command(name: str, out: Path, prefix: str) -> None:
+    """The disagreements view and its Embeddings panel (coloured by true label) through the App command's URL."""
+    from playwright.sync_api import sync_playwright
+
+    app = subprocess.Popen([sys.executable, "-m", "fathompipe.app", "--dataset", name, "--view",
+                            "eval_model_train-disagreements", "--port", "5183"], cwd=ROOT, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        url = next(line.split()[-1] for line in app.stdout if line.strip().startswith("open:"))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=[a for a in CHROMIUM_ARGS if a != "--disable-gpu"]
+                                        + ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+            page = browser.new_page(viewport={"width": 1800, "height": 1100})
+            t0 = time.monotonic()
+            page.goto(url)
+            page.get_by_text("Dismiss").click(timeout=300_000)  # the Enterprise advertisement, over the grid
+            page.get_by_text(re.compile(r"^[\d,]+ patches$")).first.wait_for(timeout=300_000)  # the grid's count
+            time.sleep(20)
+            print(f"disagreements view on screen {time.monotonic() - t0:.0f} s after the URL was opened")
+            page.screenshot(path=str(out / f"{prefix}-disagreements.png"))
+            try:
+                page.get_by_title("New panel").first.click()
+                page.get_by_text("Embeddings", exact=True).first.click()
+                page.get_by_text("eval_model_train_embeddings", exact=True).first.click(timeout=60_000)
+                time.sleep(10)
+                page.get_by_text("Color by").first.click(timeout=60_000)
+                page.get_by_text("ground_truth.detections.label", exact=True).first.click()
+            except Exception:
+                page.screenshot(path=str(out / f"{prefix}-failed.png"))  # where it stopped
+                raise
+            time.sleep(60)  # every ROI's point, drawn by WebGL in software
+            page.screenshot(path=str(out / f"{prefix}-embeddings.png"))
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(60)
 
 
 def shoot_report(report: Path, out: Path, prefix: str) -> None:
@@ -120,7 +183,8 @@ def shoot(name: str, out: Path, prefix: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=("demo", "train"), required=True)
+    parser.add_argument("--set", choices=("demo", "train", "scale"), required=True)
+    parser.add_argument("--rois", type=int, default=200_000, help="the scale set's ROIs (default %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
     from support.mongod import PrivateMongod
@@ -130,10 +194,14 @@ def main() -> int:
                        "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"})
     try:
         with tempfile.TemporaryDirectory(prefix="fathompipe-shots-") as work:
-            name, report = (build_demo if args.set == "demo" else build_train)(Path(work))
+            if args.set == "scale":
+                name, report = build_scale(Path(work), args.rois)
+                shoot_app_command(name, Path(args.out), args.set)
+            else:
+                name, report = (build_demo if args.set == "demo" else build_train)(Path(work))
+                shoot_report(report / "report.html", Path(args.out), args.set)
+                shoot(name, Path(args.out), args.set)
             metrics = json.loads((report / "metrics.json").read_text())
-            shoot_report(report / "report.html", Path(args.out), args.set)
-            shoot(name, Path(args.out), args.set)
     finally:
         mongod.stop()
     rule = metrics.get("expected_distance_rule", {})
