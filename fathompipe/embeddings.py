@@ -30,7 +30,7 @@ class RowFile:
     """An .npy array of shape (rows, cols) filled row by row at any position with `pwrite`: nothing is mapped into
     the writer's memory, however large the file. Every CACHE_BYTES written, the kernel is told to write the file's
     dirty pages back and drop those already written (`POSIX_FADV_DONTNEED`, which does not wait): 8 GB written
-    leave a bounded page cache instead of pushing the node's other pages out, reclaimed on this process's time."""
+    leave a bounded page cache, instead of filling it and paying for its reclaim on this process's time."""
 
     def __init__(self, path: Path, rows: int, cols: int, dtype: np.dtype | type = np.float32):
         self.dtype = np.dtype(dtype)

@@ -140,7 +140,7 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     retry = ["submit", *[w for w in words if w != "--rebuild-state"]]
     try:
-        with run_lock(paths):  # a second submit into this run waits outside: the tables are cut under the lock
+        with run_lock(paths):  # a second submit into this run is refused: the tables are cut under the lock
             # a resume's scripts are checked in _open_run, for the tasks it will submit
             errors = preflight(cfg, paths, origin, {} if paths.run_json.exists() else None, write_tables=True)
             if errors:

@@ -403,3 +403,13 @@ def test_a_second_submit_into_a_run_being_submitted_touches_nothing(slurm_fake, 
     assert "another fathompipe command is submitting into" in capsys.readouterr().err
     assert not paths.annotation_table("test").exists() and slurm_fake.jobs() == {}
     assert submit.main(["--profile", str(profile)]) == 0 and paths.annotation_table("test").exists()
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(slurm_fake, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    profile = write_profile(tmp_path)
+    assert submit.main(["--profile", str(profile), f"run_dir={tmp_path / 'afile' / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "choose a run_dir you can write to" in err
+    assert "Traceback" not in err
+    assert slurm_fake.jobs() == {}

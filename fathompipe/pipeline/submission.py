@@ -40,8 +40,12 @@ class SubmitError(RuntimeError):
 @contextmanager
 def run_lock(paths: RunPaths) -> Iterator[None]:
     """One submit/resubmit/cancel at a time per run directory."""
-    paths.root.mkdir(parents=True, exist_ok=True)
-    with open(paths.lock, "w") as fh:
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        fh = open(paths.lock, "w")
+    except OSError as exc:
+        raise SubmitError(f"cannot write {paths.lock} ({exc.strerror}): choose a run_dir you can write to") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
