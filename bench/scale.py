@@ -153,15 +153,14 @@ def download(work: Path, n: int, by_hand: bool = False) -> Dict[str, float]:
     return result
 
 
-def cold_cache() -> bool:
-    """Drop the page cache (root only): the merge then reads its parts from disk at every size, as a GPU job's
-    merge does on a cluster's file system; warm, 200k ROIs of parts sit in memory and 2M do not."""
+def cold_cache() -> None:
+    """Drop the page cache (root only; elsewhere a no-op): the merge then reads its parts from disk at every size,
+    as a GPU job's merge does on a cluster's file system; warm, 200k ROIs of parts sit in memory and 2M do not."""
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3")
     except OSError:
-        return False
-    return True
+        pass
 
 
 def merge(work: Path, n: int) -> Dict[str, float]:
@@ -310,12 +309,13 @@ def evaluate(work: Path, n: int) -> Dict[str, Dict[str, float]]:
     return rows
 
 
+MERGE = "infer merge, embeddings included (page cache dropped first, as root)"
 STEPS = {
     "preflight": [("pre-flight: parse + validate + cut the table (login node)", preflight)],
     "download": [("download task, shard 0 of 1,000, from the run's table", download),
                  ("download task by hand, shard 0 of 1,000, from the whole COCO file",
                   lambda w, n: download(w, n, by_hand=True))],
-    "merge": [("infer merge, embeddings included (page cache dropped first, as root)", merge)],
+    "merge": [(MERGE, merge)],
     "status": [("status, a queued run of 2 x 1,000 download shards", status)],
     "map": [("embeddings map, the exact pipeline of main (15-NN graph of every ROI, 200 epochs)",
              lambda w, n: map_quality(w, n, True)),
@@ -326,7 +326,7 @@ STEPS = {
 
 
 # steps bound by the disk at 2M (17 GB read and written), whose CPU time is printed beside the wall time
-WITH_CPU = ("infer merge, embeddings included (page cache dropped first, as root)",)
+WITH_CPU = (MERGE,)
 
 
 def report(rows: List[Tuple[str, Dict[int, Optional[Dict[str, float]]]]], sizes: List[int]) -> None:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import DATA, PARITY
+from conftest import DATA, IN_CI, PARITY
 from fathompipe.annotations import load_coco
 from fathompipe.config import EvaluateConfig
 from fathompipe.evaluate import run as evaluate_stage
@@ -272,7 +272,7 @@ def browser():
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if sync_playwright is None or binary is None:
         why = "headless Chromium needs `pip install playwright` and `apt-get install chromium`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if IN_CI:
             pytest.fail(f"CI must run the browser test: {why}")
         pytest.skip(why)
     with sync_playwright() as p:
